@@ -1,0 +1,10 @@
+"""Models: the contract and adapters (base), exact denoisers (analytic), trainable networks."""
+
+from .analytic import (EmpiricalDenoiser, GaussianDenoiser, GaussianMixtureDenoiser,
+                       SubspaceGaussianDenoiser)
+from .base import PREDICTION_TYPES, VPModel, X0Model, sigma_like, x0_hat
+from .mlp import SigmaEmbedding, TimeMLP
+
+__all__ = ["GaussianDenoiser", "SubspaceGaussianDenoiser", "GaussianMixtureDenoiser",
+           "EmpiricalDenoiser", "TimeMLP", "SigmaEmbedding", "VPModel", "X0Model", "sigma_like",
+           "x0_hat", "PREDICTION_TYPES"]
