@@ -9,7 +9,8 @@ Formulas (DESIGN.md §3.3):
   part A∇log p^u_σ(Aᵀx) and the off-subspace pull −(I − AAᵀ)x/σ².
 - Mixture Σ π_k N(m_k, Σ_k): x0_hat = Σ_k r_k(x)·x0_hat_k(x), r_k ∝ π_k N(x; m_k, Σ_k + σ²I).
 - Empirical ("ideal") denoiser of a finite set K (seed 003): x0_hat = Σ_i softmax_i(−‖x − x_i‖²/2σ²)·x_i,
-  which satisfies σ·ε = ½∇ₓ dist²_K(x, σ) with dist²_K(x, σ) = −σ² log Σ_i exp(−‖x − x_i‖²/2σ²).
+  which satisfies σ·ε = ½∇ₓ dist²_K(x, σ) with dist²_K(x, σ) = −2σ² log Σ_i exp(−‖x − x_i‖²/2σ²)
+  (a softmin of the squared distances; it tends to min_i ‖x − x_i‖² as σ → 0).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ class EmpiricalDenoiser(ExactDenoiser):
         return (w @ self.data.to(x)).view_as(x)
 
     def smoothed_sq_dist(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """dist²_K(x, σ) = −σ² log Σ_i exp(−‖x − x_i‖²/2σ²), per sample (B,)."""
+        """dist²_K(x, σ) = −2σ² log Σ_i exp(−‖x − x_i‖²/2σ²), per sample (B,): ½∇ₓ of it is σ·ε."""
         s2 = (sigma_like(sigma, x.flatten(1)) ** 2).reshape(-1)
         d2 = self.sq_dists(x)
-        return -s2 * torch.logsumexp(-d2 / (2 * s2.reshape(-1, 1)), dim=1)
+        return -2 * s2 * torch.logsumexp(-d2 / (2 * s2.reshape(-1, 1)), dim=1)

@@ -43,6 +43,8 @@ class TimeMLP(nn.Module):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
+        self._config = {"dim": dim, "hidden": hidden, "depth": depth, "emb_dim": emb_dim,
+                        "sigma_data": sigma_data, "num_classes": num_classes}
         self.input_shape = (dim,)
         self.sigma_data = sigma_data
         self.num_classes = num_classes
@@ -55,6 +57,11 @@ class TimeMLP(nn.Module):
             width = hidden
         layers.append(nn.Linear(width, dim))
         self.net = nn.Sequential(*layers)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-able): ``TimeMLP(**m.config)`` rebuilds ``m``."""
+        return dict(self._config)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         sig = sigma_like(sigma, x)
