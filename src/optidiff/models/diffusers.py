@@ -1,0 +1,348 @@
+"""Adapters between optidiff and diffusers (the optional extra ``pip install 'optidiff[diffusers]'``).
+
+- :func:`from_diffusers` turns a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and its
+  scheduler into an optidiff model ``model(x, sigma, cond) -> eps`` (a :class:`~optidiff.models.VPModel`),
+  so every optidiff sampler and guidance runs on it.
+- :class:`GradientEstimationScheduler` is the (γ, μ) sampler family of seed 003 as a diffusers
+  scheduler, so every diffusers pipeline can sample with GE (or DDIM, or DDPM, or anything between).
+
+Import it explicitly (``from optidiff.models.diffusers import from_diffusers``): ``import optidiff``
+never imports diffusers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+try:
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers.configuration_utils import ConfigMixin, register_to_config
+    from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
+    from diffusers.utils import BaseOutput
+    from diffusers.utils.torch_utils import randn_tensor
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("optidiff.models.diffusers needs the optional dependency diffusers: "
+                      "pip install 'optidiff[diffusers]'") from err
+
+from ..schedules import (
+    CosineSchedule,
+    DDPMSchedule,
+    LDMSchedule,
+    SigmoidSchedule,
+    sigmas_from_betas,
+    trailing_indices,
+    vp_scale,
+)
+from .base import PREDICTION_TYPES, VPModel, sigma_like
+
+__all__ = [
+    "DiffusersNet",
+    "GradientEstimationScheduler",
+    "GradientEstimationSchedulerOutput",
+    "from_diffusers",
+    "gamma_mu_step",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers UNet -> optidiff model
+
+
+class DiffusersNet(nn.Module):
+    """``net(z, t, cond=None) -> unet(z, t, **{cond_key: cond}).sample``: the VP network that
+    :class:`~optidiff.models.VPModel` wraps.
+
+    ``null_cond`` stands in for "no condition": it is used when ``cond`` is None (an empty-prompt
+    embedding of shape ``(L, D)`` or ``(1, L, D)`` for a cross-attention UNet, or a class index for a
+    class-conditional UNet2DModel) and, for class labels, replaces the labels < 0 (optidiff's null
+    class −1). Without it, ``cond=None`` calls a UNet2DModel with no condition at all, a cross-attention
+    UNet raises, and so does a label −1.
+    """
+
+    def __init__(self, unet: nn.Module, cond_key: str, null_cond: Any = None):
+        super().__init__()
+        self.unet, self.cond_key, self.null_cond = unet, cond_key, null_cond
+
+    def forward(self, z: Tensor, t: Tensor, cond: Any = None) -> Tensor:
+        if self.cond_key == "class_labels":
+            cond = self._labels(cond, len(z), z.device)
+        elif cond is None and self.null_cond is not None:
+            null = torch.as_tensor(self.null_cond, device=z.device, dtype=z.dtype)
+            cond = null.expand(len(z), *null.shape[-2:])
+        if cond is None:
+            if self.cond_key == "encoder_hidden_states":
+                raise ValueError("a UNet2DConditionModel needs cond (encoder_hidden_states of shape "
+                                 "(B, L, cross_attention_dim)) or a null_cond for cond=None")
+            return self.unet(z, t).sample
+        return self.unet(z, t, **{self.cond_key: cond}).sample
+
+    def _labels(self, cond: Any, n: int, device: torch.device) -> Tensor | None:
+        if cond is None:
+            return None if self.null_cond is None else torch.full((n,), int(self.null_cond),
+                                                                  device=device)
+        cond = torch.as_tensor(cond, device=device).long()
+        if (cond < 0).any():
+            if self.null_cond is None:
+                raise ValueError("class label -1 (the null class) needs null_cond= (the index of "
+                                 "the null class the UNet was trained with)")
+            cond = torch.where(cond < 0, int(self.null_cond), cond)
+        return cond
+
+
+def from_diffusers(unet: nn.Module, scheduler_or_config: Any,
+                   input_shape: tuple[int, ...] | None = None, *, cond_key: str | None = None,
+                   null_cond: Any = None) -> VPModel:
+    """Wrap a diffusers UNet as an optidiff model ``model(x, sigma, cond=None) -> eps``.
+
+    The network sees ``z = x/√(1+σ²)`` at the training timestep nearest to σ and its output is
+    turned into ε by the scheduler's ``prediction_type`` (``epsilon``, ``v_prediction`` or
+    ``sample``; see :class:`~optidiff.models.VPModel`).
+
+    Args:
+        unet: a ``UNet2DModel`` or ``UNet2DConditionModel`` (any module whose call
+            ``unet(z, t, **kwargs)`` returns an object with ``.sample``).
+        scheduler_or_config: a diffusers scheduler (its ``alphas_cumprod`` and ``config``) or a
+            scheduler config mapping (its β schedule is rebuilt with ``DDPMScheduler.from_config``).
+        input_shape: shape of one sample; default ``(in_channels, sample_size, sample_size)`` from
+            ``unet.config``.
+        cond_key: how ``cond`` reaches the UNet: ``"encoder_hidden_states"`` (the default for a
+            ``UNet2DConditionModel``: text or other embeddings, ``(B, L, D)``) or ``"class_labels"``
+            (the default otherwise: class-conditional ``UNet2DModel``, ``num_class_embeds`` set).
+        null_cond: the "no condition" input (see :class:`DiffusersNet`); diffusers class
+            embeddings have no null class, so classifier-free guidance with label −1 needs a model
+            trained with an extra null index given here.
+    """
+    config = getattr(scheduler_or_config, "config", scheduler_or_config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"scheduler_or_config must be a diffusers scheduler or a config mapping, "
+                        f"got {type(scheduler_or_config).__name__}")
+    abar = getattr(scheduler_or_config, "alphas_cumprod", None)
+    if abar is None:
+        abar = DDPMScheduler.from_config(dict(config)).alphas_cumprod
+    if input_shape is None:
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        input_shape = (unet.config.in_channels, *size)
+    if cond_key is None:
+        cond_key = ("encoder_hidden_states" if isinstance(unet, UNet2DConditionModel)
+                    else "class_labels")
+    return VPModel(DiffusersNet(unet, cond_key, null_cond), abar,
+                   prediction_type=config.get("prediction_type", "epsilon"),
+                   input_shape=tuple(input_shape))
+
+
+# ------------------------------------------------------------------------------------------------
+# the (γ, μ) family as a diffusers scheduler
+
+
+def gamma_mu_step(x: Tensor, sigma: Tensor, sigma_next: Tensor, eps: Tensor,
+                  eps_prev: Tensor | None, gamma: float, mu: float,
+                  noise: Tensor | None = None) -> Tensor:
+    """One step of the (γ, μ) family (seed 003, eq. 12 and its stochastic form), x_t → x_{t−1}::
+
+        ebar = eps (first step, eps_prev None),  γ·eps + (1−γ)·eps_prev  (afterwards)
+        σ'   = (σ_{t−1} / σ_t^μ)^{1/(1−μ)}
+        x_{t−1} = x_t − (σ_t − σ')·ebar + √(σ_{t−1}² − σ'²)·noise      (noise needed when μ > 0)
+
+    The same arithmetic, in the same order, as ``optidiff.sampling``'s (γ, μ) loop.
+    """
+    ebar = eps if eps_prev is None else gamma * eps + (1 - gamma) * eps_prev
+    sig_p = (sigma_next / sigma**mu) ** (1 / (1 - mu))
+    x = x - (sigma - sig_p) * ebar
+    if mu > 0:
+        x = x + (sigma_next**2 - sig_p**2).clamp(min=0).sqrt() * noise
+    return x
+
+
+@dataclass
+class GradientEstimationSchedulerOutput(BaseOutput):
+    """``prev_sample``: the VP latent at the next timestep; ``pred_original_sample``: Tweedie's
+    x0_hat = x − σ·ε from this step's (raw) model output."""
+
+    prev_sample: Tensor
+    pred_original_sample: Tensor | None = None
+
+
+_BETA_SCHEDULES = {"linear": DDPMSchedule, "scaled_linear": LDMSchedule,
+                   "squaredcos_cap_v2": CosineSchedule, "sigmoid": SigmoidSchedule}
+_SPACINGS = ("trailing", "leading", "linspace")
+
+
+class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
+    """The (γ, μ) sampler family of Permenter & Yuan (seed 003) as a diffusers scheduler.
+
+    Drop it into any diffusers pipeline (``pipe.scheduler =
+    GradientEstimationScheduler.from_config(pipe.scheduler.config)``): latents stay in VP
+    coordinates z as with DDIM (``init_noise_sigma = 1``, ``scale_model_input`` is the identity,
+    ``add_noise`` is the VP forward process, so img2img works), and each :meth:`step`
+
+    1. converts to VE, ``x = z/√ᾱ_t`` (σ_t² = (1 − ᾱ_t)/ᾱ_t);
+    2. turns the model output into ε by ``prediction_type`` with a = √ᾱ_t, s = √(1 − ᾱ_t):
+       ``epsilon`` as is, ``v_prediction`` ε = a·v + s·z, ``sample`` ε = (z − a·x0)/s;
+    3. applies :func:`gamma_mu_step` with the previous step's raw ε (σ_t → σ_{t−1}, the next
+       timestep in ``timesteps``; after the last one ᾱ = 1, σ = 0 if ``set_alpha_to_one`` else
+       ᾱ_0, σ_min, as DDIM);
+    4. converts back, ``z_{t−1} = √ᾱ_{t−1}·x_{t−1}``.
+
+    γ = 1, μ = 0 is DDIM (``DDIMScheduler``, η = 0, when ``num_inference_steps`` divides
+    ``num_train_timesteps``: DDIM steps to ``t − n//steps``, which otherwise is not the next entry of
+    its own trailing grid, whereas this scheduler, like ``DDPMScheduler``, always steps to the next
+    entry); γ = 1, μ = ½ is DDPM exactly (with
+    ``set_alpha_to_one=True``, ``DDPMScheduler``'s ancestral step with the same noise); γ = 2, μ = 0
+    is the paper's gradient-estimation sampler (the default). ``sigmas`` holds the VE grid of the
+    current ``timesteps`` plus the final σ: ``od.sample(model, scheduler.sigmas, gamma=…, mu=…)``
+    with ``model = from_diffusers(unet, scheduler)`` computes the same samples.
+
+    The ε history is reset by :meth:`set_timesteps` and whenever a step does not follow the
+    previous one (a new loop, or img2img starting part-way), so a stale ε is never reused.
+
+    Compared with the authors' ``GEScheduler`` (ToyotaResearchInstitute/gradient-estimation-sampler):
+    that one accepts ``prediction_type="epsilon"`` only (it raises for ``v_prediction`` and
+    ``sample``), has no μ (deterministic GE only), and keeps VE latents (``init_noise_sigma =
+    1/√ᾱ_{t_N}``, ``scale_model_input`` multiplies by √ᾱ) with its own σ-based spacings; this one
+    takes all three prediction types, the whole (γ, μ) family, diffusers' ``timestep_spacing`` and
+    VP latents. It has no x0 clipping or thresholding.
+
+    Args (the config, saved by ``save_pretrained``):
+        num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas: the training β
+            schedule (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``, ``sigmoid``), as diffusers.
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``.
+        gamma: γ > 0 (2 is GE, 1 is DDIM/DDPM).
+        mu: μ in [0, 1) (0 deterministic, ½ DDPM).
+        set_alpha_to_one: end at σ = 0 (ᾱ = 1) instead of σ_min.
+        timestep_spacing: ``trailing`` (default; Lin et al. 2023), ``leading`` or ``linspace``.
+        steps_offset: added to ``leading`` timesteps, as diffusers.
+    """
+
+    _compatibles: ClassVar[list[str]] = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+
+    @register_to_config
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+                 beta_end: float = 0.02, beta_schedule: str = "linear",
+                 trained_betas: Any = None, prediction_type: str = "epsilon",
+                 gamma: float = 2.0, mu: float = 0.0, set_alpha_to_one: bool = False,
+                 timestep_spacing: str = "trailing", steps_offset: int = 0):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
+                             f"{prediction_type!r}")
+        if not (gamma > 0 and gamma < float("inf")):
+            raise ValueError(f"gamma must be finite and > 0, got gamma={gamma}")
+        if not 0.0 <= mu < 1.0:
+            raise ValueError(f"mu must be in [0, 1), got mu={mu}")
+        if timestep_spacing not in _SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
+        if trained_betas is not None:
+            self.betas = torch.as_tensor(trained_betas, dtype=torch.float64)
+        elif beta_schedule in _BETA_SCHEDULES:
+            kwargs = {} if beta_schedule == "squaredcos_cap_v2" else dict(beta_start=beta_start,
+                                                                          beta_end=beta_end)
+            self.betas = _BETA_SCHEDULES[beta_schedule](n=num_train_timesteps, **kwargs).betas
+        else:
+            raise ValueError(f"beta_schedule must be one of {list(_BETA_SCHEDULES)}, got "
+                             f"{beta_schedule!r}")
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # float64
+        self.train_sigmas = sigmas_from_betas(self.betas)             # VE σ of each timestep
+        self.final_sigma = self.train_sigmas.new_zeros(()) if set_alpha_to_one else self.train_sigmas[0]
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1)
+        self.sigmas: Tensor | None = None  # set by set_timesteps
+        self._eps_prev: Tensor | None = None
+        self._prev_index: int | None = None
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(self, sample: Tensor, timestep: Any = None) -> Tensor:
+        """The identity: the network takes VP latents as they are."""
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
+        """Choose ``num_inference_steps`` timesteps (``timestep_spacing``) and reset the ε history.
+
+        Sets ``timesteps`` (decreasing training indices) and ``sigmas`` (their VE σ's, float64,
+        plus the final σ: one more entry than ``timesteps``). When the last timestep is 0
+        (``leading``/``linspace`` spacing, or as many steps as training timesteps) and
+        ``set_alpha_to_one`` is False, the final σ repeats σ_min and the last step is a no-op, as
+        in ``DDIMScheduler``; drop it (``sigmas[:-1]``) before handing the grid to ``od.sample``.
+        """
+        n, steps = self.config.num_train_timesteps, num_inference_steps
+        if not isinstance(steps, int) or not 1 <= steps <= n:
+            raise ValueError(f"num_inference_steps must be an int in [1, {n}], got {steps!r}")
+        spacing = self.config.timestep_spacing
+        if spacing == "trailing":
+            idx = trailing_indices(n, steps)
+        elif spacing == "leading":
+            idx = [k * (n // steps) + self.config.steps_offset for k in reversed(range(steps))]
+        else:
+            idx = torch.linspace(0, n - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
+        self.num_inference_steps = steps
+        self.timesteps = torch.tensor(idx, dtype=torch.long, device=device)
+        self.sigmas = torch.cat([self.train_sigmas[idx], self.final_sigma[None]])
+        self._eps_prev, self._prev_index = None, None
+
+    def _index(self, timestep: Any) -> int:
+        hits = (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep={timestep!r} is not in scheduler.timesteps "
+                             f"{self.timesteps.tolist()}; call set_timesteps first")
+        return int(hits[0, 0])
+
+    def _to_eps(self, model_output: Tensor, z: Tensor, abar: Tensor) -> Tensor:
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return model_output
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        return (z - a * model_output) / s if kind == "sample" else a * model_output + s * z
+
+    def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
+             generator: torch.Generator | None = None,
+             return_dict: bool = True) -> GradientEstimationSchedulerOutput | tuple:
+        """One (γ, μ) step from ``timestep`` to the next timestep of ``timesteps``.
+
+        Args:
+            model_output: the network's output at ``(sample, timestep)`` (ε, v or x0 by
+                ``prediction_type``).
+            timestep: an entry of ``timesteps``.
+            sample: the VP latent z_t.
+            generator: for the noise when μ > 0.
+            return_dict: return a :class:`GradientEstimationSchedulerOutput` (else a tuple).
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step()")
+        i = self._index(timestep)
+        eps_prev = self._eps_prev if self._prev_index == i - 1 else None
+        dev, dt = sample.device, sample.dtype
+        sig, sig_next = (s.to(device=dev, dtype=dt) for s in self.sigmas[i:i + 2])
+        abar = self.alphas_cumprod[self.timesteps[i].cpu()].to(device=dev, dtype=dt)
+        eps = self._to_eps(model_output, sample, abar)
+        x = sample / vp_scale(sig)
+        noise = (randn_tensor(sample.shape, generator=generator, device=dev, dtype=dt)
+                 if self.config.mu > 0 else None)
+        x_next = gamma_mu_step(x, sig, sig_next, eps, eps_prev, self.config.gamma,
+                               self.config.mu, noise)
+        self._eps_prev, self._prev_index = eps, i
+        prev_sample, x0_hat = x_next * vp_scale(sig_next), x - sig * eps
+        if not return_dict:
+            return prev_sample, x0_hat
+        return GradientEstimationSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_hat)
+
+    def _sigma_at(self, timesteps: Tensor, like: Tensor) -> Tensor:
+        t = torch.as_tensor(timesteps).cpu().long()
+        return sigma_like(self.train_sigmas[t].to(device=like.device, dtype=like.dtype), like)
+
+    def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The VP forward process z_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε, written as √ᾱ_t·(x0 + σ_t·ε)."""
+        sig = self._sigma_at(timesteps, original_samples)
+        return (original_samples + sig * noise) * vp_scale(sig)
+
+    def get_velocity(self, sample: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The v-prediction target v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0 (Salimans & Ho 2022)."""
+        sig = self._sigma_at(timesteps, sample)
+        return (noise - sig * sample) * vp_scale(sig)
