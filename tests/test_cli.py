@@ -1,0 +1,376 @@
+"""Tests of the `optidiff` command (typer CliRunner), its configs and its run directories."""
+
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from optidiff import cli
+from optidiff.cli import app
+from optidiff.config import (
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    ScheduleConfig,
+    build_schedule,
+    dump_toml,
+    load_config,
+    parse_config,
+)
+from optidiff.report import RunDir, load_samples, read_metrics, write_report
+
+runner = CliRunner()
+
+TINY = """\
+name = "tiny"
+[data]
+name = "gaussian_mixture"
+n = 512
+[model]
+hidden = 16
+depth = 1
+emb_dim = 8
+[train]
+steps = 20
+batch_size = 32
+log_every = 5
+[sample]
+sampler = "ge"
+steps = 5
+n = 200
+"""
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny training run made by `optidiff train`."""
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(TINY)
+    run = tmp / "run"
+    result = invoke("train", cfg, "--run-dir", run, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return run, result
+
+
+# ------------------------------------------------------------------------------------- help
+
+def test_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for cmd in ("train", "sample", "report", "demo", "bench"):
+        assert cmd in result.output
+    assert invoke("--version").output.startswith("optidiff ")
+
+
+def test_no_arguments_shows_help():
+    assert "Usage" in invoke().output
+
+
+# ------------------------------------------------------------------------------------ train
+
+def test_train_writes_checkpoint_metrics_and_report(trained):
+    run, result = trained
+    assert str(run) in result.output and "report.html" in result.output
+    assert (run / "checkpoint" / "meta.json").is_file()
+    assert (run / "config.toml").read_text() == TINY
+    for f in ("report.html", "plots/loss.png", "plots/samples.png", "samples/ge-5.safetensors"):
+        assert (run / f).is_file(), f
+    recs = read_metrics(run)
+    train_recs = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    (sample_rec,) = [r for r in recs if r.get("event") == "sample"]
+    assert sample_rec["sampler"] == "ge" and math.isfinite(sample_rec["mmd2"])
+    assert load_samples(run / "samples/ge-5.safetensors").shape == (200, 2)
+    html = (run / "report.html").read_text()
+    assert "plots/loss.png" in html and "<table>" in html and "sample" in html
+
+
+def test_trained_checkpoint_loads(trained):
+    from optidiff.training import load_model
+
+    model = load_model(trained[0] / "checkpoint")
+    assert model.input_shape == (2,) and model.config["hidden"] == 16
+
+
+def test_train_refuses_to_overwrite_and_resumes(trained, tmp_path):
+    run, _ = trained
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY)
+    before = (run / "run.json").read_text()
+    result = invoke("train", cfg, "--run-dir", run, "--no-progress")
+    assert result.exit_code == 2 and "already holds a checkpoint" in result.output
+    cfg.write_text(TINY.replace("hidden = 16", "hidden = 32"))
+    result = invoke("train", cfg, "--run-dir", run, "--resume", "--no-progress")
+    assert result.exit_code == 2 and "differs in model" in result.output
+    assert (run / "run.json").read_text() == before and (run / "config.toml").read_text() == TINY
+
+
+def test_train_default_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(TINY.replace("steps = 20", "steps = 2").replace("log_every = 5",
+                                                                   "log_every = 1"))
+    result = invoke("train", cfg, "--no-progress")
+    assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("tiny-") and (run / "checkpoint" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("section,line,field,value", [
+    ("train", "lr = -1", "train.lr", "-1"),
+    ("train", "lrr = 0.1", "train.lrr", "unknown key"),
+    ("train", 'steps = "ten"', "train.steps", "'ten'"),
+    ("train", "steps = 0", "train.steps", "0"),
+    ("model", "depth = 1.5", "model.depth", "1.5"),
+    ("data", 'name = "moons"', "data.name", "swiss_roll, rings, gaussian_mixture"),
+    ("sample", 'sampler = "euler"', "sample.sampler", "'euler'"),
+    ("schedule", 'kind = "ddpm"\nrho = 7.0', "schedule", "rho"),
+])
+def test_bad_config_exits_2_naming_the_field(tmp_path, section, line, field, value):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f"[{section}]\n{line}\n")
+    result = invoke("train", cfg, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "error:" in result.output and str(cfg) in result.output
+    assert field in result.output and value in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # nothing written before validation
+
+
+def test_malformed_toml(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[train]\nlr = 0.1\nsteps = = 3\n")
+    result = invoke("train", cfg)
+    assert result.exit_code == 2
+    assert "malformed TOML" in result.output and "line 3" in result.output
+
+
+def test_missing_config_file(tmp_path):
+    result = invoke("train", tmp_path / "nope.toml")
+    assert result.exit_code == 2 and "nope.toml" in result.output
+
+
+# ----------------------------------------------------------------------------------- sample
+
+def test_sample_from_checkpoint(trained, tmp_path):
+    run, _ = trained
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"s{i}"
+        result = invoke("sample", "--checkpoint", run / "checkpoint", "--sampler", "gamma_mu",
+                        "--gamma", 1.5, "--mu", 0.3, "--steps", 4, "--n", 64, "--seed", 5,
+                        "--out", out, "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert "from" in result.output and str(run / "config.toml") in result.output
+        outs.append(load_samples(out / "samples" / "gamma_mu-4.safetensors"))
+        assert (out / "plots" / "samples.png").is_file() and (out / "report.html").is_file()
+        (rec,) = read_metrics(out)
+        assert rec["gamma"] == 1.5 and rec["mu"] == 0.3 and "mmd2" in rec
+    assert outs[0].shape == (64, 2) and torch.equal(outs[0], outs[1])  # seeded
+
+
+def test_sample_accepts_a_run_directory(trained, tmp_path):
+    result = invoke("sample", "--checkpoint", trained[0], "--steps", 3, "--n", 10, "--out",
+                    tmp_path / "s", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert load_samples(tmp_path / "s/samples/ge-3.safetensors").shape == (10, 2)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sampler", "ddim", "--gamma", "2"], "sampler='ddim' fixes gamma"),
+    (["--sampler", "euler"], "unknown sampler='euler'"),
+    (["--steps", "5000"], "steps must be in [1, 1000]"),
+    (["--mu", "1.5", "--sampler", "gamma_mu"], "mu must be in [0, 1)"),
+])
+def test_sample_bad_options(trained, tmp_path, args, message):
+    out = tmp_path / "s"
+    result = invoke("sample", "--checkpoint", trained[0], "--out", out, "--no-progress", *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_sample_missing_checkpoint(tmp_path):
+    result = invoke("sample", "--checkpoint", tmp_path / "none", "--out", tmp_path / "s")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+# ------------------------------------------------------------------------------------- demo
+
+def test_demo_writes_plots_metrics_and_table(tmp_path):
+    run = tmp_path / "demo"
+    result = invoke("demo", "--run-dir", run, "--steps", 30, "--n", 300, "--no-progress")
+    assert result.exit_code == 0, result.output
+    for f in ("plots/1_trained.png", "plots/2_exact.png", "plots/loss.png", "report.html",
+              "config.toml", "checkpoint/meta.json"):
+        assert (run / f).is_file(), f
+    recs = [r for r in read_metrics(run) if r.get("event") == "sample"]
+    assert [(r["sampler"], r["nfe"]) for r in recs] == [
+        (None, None), ("ddim", 10), ("ge", 10), ("ddim", 10), ("ge", 10), ("ddim", 200)]
+    assert all(math.isfinite(r["mmd2"]) and r["sw2"] >= 0 for r in recs)
+    assert "trained, GE (γ=2)" in result.output and "MMD²" in result.output
+    # the exact denoiser with 200 DDIM steps is close to the exact draws (sanity of the metric)
+    assert recs[5]["mmd2"] < 0.02
+    # the written config reproduces the demo's training with `optidiff train`
+    cfg = load_config(run / "config.toml")
+    assert cfg.train.steps == 30 and cfg.data.name == "gaussian_mixture"
+
+
+# ----------------------------------------------------------------------------------- report
+
+def test_report_regenerates_html(trained):
+    run, _ = trained
+    (run / "report.html").unlink()
+    result = invoke("report", run)
+    assert result.exit_code == 0 and "report.html" in result.output
+    html = (run / "report.html").read_text()
+    assert "<img src='plots/samples.png'" in html and "optidiff train: tiny" in html
+
+
+def test_report_missing_dir(tmp_path):
+    result = invoke("report", tmp_path / "none")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_rundir_and_report_tables(tmp_path):
+    run = RunDir.create("x", root=tmp_path)
+    assert run.path.parent == tmp_path and run.path.name.startswith("x-")
+    assert RunDir.create("x", root=tmp_path).path != run.path  # same second: a new directory
+    for i in range(100):
+        run.log(event="train", step=i, loss=torch.tensor(1.0 / (i + 1)))
+    run.log({"event": "eval"}, value=float("nan"))
+    recs = run.metrics()
+    assert recs[3]["loss"] == pytest.approx(0.25) and recs[-1]["value"] == "nan"
+    html = write_report(run.path, "T").read_text()
+    assert html.count("<h2>train</h2>") == 1 and "30 of 100 rows shown" in html
+    assert "<td>99</td>" in html  # the last row is always kept
+    (run.path / "metrics.jsonl").write_text("{bad\n")
+    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+        write_report(run.path)
+
+
+# ------------------------------------------------------------------------------------ bench
+
+def _fake_benchmarks(tmp_path, monkeypatch):
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.py").write_text(
+            "import sys, pathlib\n"
+            "if __name__ == '__main__':\n"
+            f"    pathlib.Path(r'{tmp_path}', '{name}.out').write_text(' '.join(sys.argv[1:]))\n")
+    (folder / "common.py").write_text("X = 1\n")  # a helper module, not a benchmark
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: folder)
+    return folder
+
+
+def test_bench_runs_named_and_all(tmp_path, monkeypatch):
+    _fake_benchmarks(tmp_path, monkeypatch)
+    result = invoke("bench", "alpha", "--quick")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "alpha.out").read_text() == "--quick" and not (tmp_path / "beta.out").exists()
+    assert invoke("bench", "all").exit_code == 0
+    assert (tmp_path / "beta.out").exists()
+
+
+def test_bench_unknown_and_missing(tmp_path, monkeypatch):
+    _fake_benchmarks(tmp_path, monkeypatch)
+    result = invoke("bench", "gamma")
+    assert result.exit_code == 2 and "alpha, beta" in result.output and "common" not in result.output
+    monkeypatch.setattr(cli, "benchmarks_dir", lambda: tmp_path / "nowhere")
+    result = invoke("bench", "all")
+    assert result.exit_code == 2 and "no benchmarks folder" in result.output
+
+
+def test_bench_failure_exit_code(tmp_path, monkeypatch):
+    folder = _fake_benchmarks(tmp_path, monkeypatch)
+    (folder / "bad.py").write_text("if __name__ == '__main__':\n    raise SystemExit(3)\n")
+    result = invoke("bench", "bad")
+    assert result.exit_code == 1 and "failed: bad" in result.output
+
+
+def test_real_benchmarks_folder_is_found():
+    assert cli.benchmarks_dir().name == "benchmarks"
+    assert cli.benchmarks_dir().parent.joinpath("src", "optidiff").is_dir()
+
+
+# ----------------------------------------------------------------------------------- config
+
+def test_config_defaults_round_trip_through_toml():
+    cfg = parse_config({"schedule": {"kind": "karras", "rho": 5.0}, "sample": {"gamma": 2.5}})
+    import tomllib
+
+    assert parse_config(tomllib.loads(dump_toml(cfg))) == cfg
+    assert parse_config(tomllib.loads(dump_toml(RunConfig()))) == RunConfig()
+
+
+@pytest.mark.parametrize("kind", list(SCHEDULES))
+def test_build_schedule_every_kind(kind):
+    sched = build_schedule(ScheduleConfig(kind=kind, n=50))
+    assert len(sched) == 50 and sched.sample_sigmas(10).shape == (11,)
+
+
+def test_schedule_checks():
+    with pytest.raises(ConfigError, match="schedule: need 0 < sigma_min < sigma_max"):
+        parse_config({"schedule": {"sigma_min": 5.0, "sigma_max": 1.0}})
+    with pytest.raises(ConfigError, match="sample.steps=2000 exceeds"):
+        parse_config({"sample": {"steps": 2000}})
+    assert build_schedule(ScheduleConfig()).sigmas[0].item() == pytest.approx(0.01)
+
+
+def test_strict_types():
+    with pytest.raises(ConfigError, match=r"train.lr: .*'0.1'"):
+        parse_config({"train": {"lr": "0.1"}})
+    assert parse_config({"train": {"lr": 1}}).train.lr == 1.0  # an integer is a valid float
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(cli.__file__).parents[2] / "examples" / "train_toy.toml")
+    assert cfg.data.name == "swiss_roll" and cfg.sample.sampler == "ge"
+
+
+# ----------------------------------------------------------------------------------- README
+
+def _readme_blocks(lang):
+    from pathlib import Path
+
+    text = (Path(cli.__file__).parents[2] / "README.md").read_text()
+    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith(lang + "\n")]
+
+
+def test_readme_starts_with_the_two_commands():
+    from pathlib import Path
+
+    text = (Path(cli.__file__).parents[2] / "README.md").read_text()
+    first = text.split("```")[1]
+    assert first.strip().splitlines() == [
+        "make demo   # set-up from a fresh clone + the main job",
+        "make test   # set-up from a fresh clone + the test suite"]
+
+
+def test_readme_python_example_runs(tmp_path, capsys):
+    """The README's example, run as a script with 5 training steps instead of 2000."""
+    import runpy
+
+    (code,) = _readme_blocks("python")
+    assert len(code.strip().splitlines()) <= 10
+    assert "steps=2000" in code
+    script = tmp_path / "readme_example.py"
+    script.write_text(code.replace("steps=2000", "steps=5"))
+    runpy.run_path(str(script), run_name="__main__")
+    assert "torch.Size([2000, 2])" in capsys.readouterr().out
+
+
+def test_readme_config_is_valid():
+    import tomllib
+
+    (block,) = _readme_blocks("toml")
+    cfg = parse_config(tomllib.loads(block), "README.md")
+    assert cfg.sample.sampler == "ge" and cfg.data.name == "swiss_roll"
