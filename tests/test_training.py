@@ -102,6 +102,8 @@ def test_training_learns_the_exact_gaussian_denoiser(tmp_path):
     assert sum(result.losses[-50:]) / 50 < 0.8 * sum(result.losses[:20]) / 20
     for sigma in (0.5, 1.0):
         assert rel_error(result.ema, sigma) < 0.05, sigma
+    # the EMA is a plain copy of weights: no autograd history, no gradient requirement
+    assert all(p.grad_fn is None and not p.requires_grad for p in result.ema.parameters())
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [100, 200, 300]
     assert records[-1]["loss"] == pytest.approx(sum(result.losses[200:]) / 100)

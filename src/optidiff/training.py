@@ -313,7 +313,8 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
-            torch._foreach_lerp_(ema_params, params, 1.0 - min(ema_decay, (1 + t) / (10 + t)))
+            with torch.no_grad():  # the EMA must not join the autograd graph
+                torch._foreach_lerp_(ema_params, params, 1.0 - min(ema_decay, (1 + t) / (10 + t)))
             pending.append(loss.detach())
             bar.update(1)
 
