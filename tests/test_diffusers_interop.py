@@ -17,7 +17,8 @@ diffusers = pytest.importorskip("diffusers")
 
 import optidiff as od
 from optidiff.models import VPModel
-from optidiff.models.diffusers import GradientEstimationScheduler, from_diffusers, gamma_mu_step
+from optidiff.models.diffusers import GradientEstimationScheduler, from_diffusers
+from optidiff.sampling import gamma_mu_step
 from optidiff.schedules import Schedule, alpha_bar_to_sigma, vp_scale
 
 STEPS = 10  # divides 1000: DDIMScheduler's "t − n//steps" previous timestep is then the trailing grid
@@ -308,8 +309,8 @@ def test_gamma_mu_step_is_the_samplers_step():
     x0 = torch.randn(4, 3, generator=_gen(0)) * 8
     ref = od.sample(model, sigmas, x_init=x0, gamma=2.2, mu=0.4, generator=_gen(3))
     x, eps_prev, g = x0, None, _gen(3)
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        eps = model(x, s)
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        eps = model(x, torch.tensor(s))
         x = gamma_mu_step(x, s, s_next, eps, eps_prev, 2.2, 0.4, torch.randn(x.shape, generator=g))
         eps_prev = eps
     torch.testing.assert_close(x, ref)

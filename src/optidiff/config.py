@@ -20,7 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from . import schedules as S
-from .sampling import SAMPLERS, _resolve
+from .sampling import SAMPLERS, resolve_sampler
 from .tasks.toy2d import DATASETS
 
 __all__ = [
@@ -148,7 +148,7 @@ class SampleConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
-        _resolve(self.sampler, self.gamma, self.mu)  # e.g. sampler='ddim' with gamma=2
+        resolve_sampler(self.sampler, self.gamma, self.mu)  # e.g. sampler='ddim' with gamma=2
         return self
 
 

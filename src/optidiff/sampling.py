@@ -24,9 +24,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .schedules import vp_scale
-
-__all__ = ["Guidance", "Step", "sample", "sample_iter", "SAMPLERS", "PRESETS", "check_sigmas"]
+__all__ = ["Guidance", "Step", "sample", "sample_iter", "gamma_mu_step", "resolve_sampler", "SAMPLERS",
+           "PRESETS", "check_sigmas"]
 
 Model = Callable[..., Tensor]
 
@@ -49,16 +48,21 @@ class Guidance(Protocol):
 @dataclass
 class Step:
     """One sampler step: ε (guided, if guidance is on) was evaluated at ``(x_t, sigma)``; the new
-    state is ``x`` at ``sigma_next``; ``x0_hat = x_t − sigma·eps``; ``nfe`` counts network
-    evaluations so far."""
+    state is ``x`` at ``sigma_next``; ``x0_hat = x_t − sigma·eps`` (computed on access); ``nfe``
+    counts network evaluations so far."""
 
     index: int
     sigma: Tensor
     sigma_next: Tensor
     x: Tensor
     eps: Tensor
-    x0_hat: Tensor
+    x_t: Tensor
     nfe: int
+
+    @property
+    def x0_hat(self) -> Tensor:
+        """Tweedie's denoised estimate at (x_t, sigma); not computed unless asked for."""
+        return self.x_t - self.sigma * self.eps
 
 
 def check_sigmas(sigmas: Tensor) -> Tensor:
@@ -77,7 +81,9 @@ def check_sigmas(sigmas: Tensor) -> Tensor:
     return sigmas
 
 
-def _resolve(sampler: str, gamma: float | None, mu: float | None) -> tuple[float, float]:
+def resolve_sampler(sampler: str, gamma: float | None, mu: float | None) -> tuple[float, float]:
+    """(γ, μ) for ``sampler`` (a preset's point, or the given values); ValueError on an unknown
+    name, a preset contradicted by γ/μ, γ ≤ 0 or μ ∉ [0, 1). Peers return (1, 0), unused."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if sampler == "gamma_mu":
@@ -147,7 +153,10 @@ def _eps(model: Model, x: Tensor, sigma: Tensor, cond: Any, guidance: Guidance |
     if eps.shape != x.shape:
         raise ValueError(f"the model returned eps of shape {tuple(eps.shape)} for x of shape "
                          f"{tuple(x.shape)}")
-    if not torch.isfinite(eps).all():
+    # a NaN or ±inf anywhere makes the sum non-finite: one cheap reduction instead of an
+    # elementwise isfinite pass (which costs as much as ~5 vector ops); the exact check runs only
+    # to rule out a false alarm from an overflowing sum of huge finite values
+    if not torch.isfinite(eps.sum()) and not torch.isfinite(eps).all():
         raise FloatingPointError(f"the model (or guidance) returned a non-finite eps at "
                                  f"sigma={sigma.item():.6g}")
     return eps
@@ -160,7 +169,7 @@ def sample_iter(model: Model, sigmas: Tensor, *, batch_size: int | None = None,
                 dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                 progress: bool = False) -> Iterator[Step]:
     """Run a sampler and yield a :class:`Step` after every step (see :func:`sample` for arguments)."""
-    gamma, mu = _resolve(sampler, gamma, mu)
+    gamma, mu = resolve_sampler(sampler, gamma, mu)
     sigmas = check_sigmas(sigmas)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
@@ -211,19 +220,36 @@ def sample(model: Model, sigmas: Tensor, **kwargs: Any) -> Tensor:
     return step.x
 
 
+def gamma_mu_step(x: Tensor, sigma: float, sigma_next: float, eps: Tensor,
+                  eps_prev: Tensor | None, gamma: float, mu: float,
+                  noise: Tensor | None = None) -> Tensor:
+    """One step x_t → x_{t−1} of the (γ, μ) family (seed 003, eq. 12 and its stochastic form)::
+
+        ebar    = eps (first step, eps_prev None),  γ·eps + (1−γ)·eps_prev  (afterwards)
+        σ'      = (σ_{t−1} / σ_t^μ)^{1/(1−μ)}
+        x_{t−1} = x_t − (σ_t − σ')·ebar + √(σ_{t−1}² − σ'²)·noise      (noise needed when μ > 0)
+
+    σ's are Python floats, so each update is one fused vector op (``lerp``, ``add`` with alpha).
+    Shared by :func:`sample` and the diffusers scheduler ``GradientEstimationScheduler``.
+    """
+    ebar = eps if eps_prev is None else torch.lerp(eps_prev, eps, gamma)
+    sig_p = (sigma_next / sigma**mu) ** (1 / (1 - mu))
+    x = x.add(ebar, alpha=-(sigma - sig_p))
+    if mu > 0:
+        x = x.add(noise, alpha=max(sigma_next**2 - sig_p**2, 0.0) ** 0.5)
+    return x
+
+
 def _gamma_mu(eps_fn, x, sigmas, gamma, mu, generator) -> Iterator[Step]:
-    """The (γ, μ) family of seed 003 (eq. 12 and its stochastic form); formulas in the module doc."""
+    """The (γ, μ) family of seed 003: :func:`gamma_mu_step` with the previous raw ε."""
     eps_prev = None
+    s = sigmas.tolist()
     for i, (sig, sig_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         eps = eps_fn(x, sig)
-        ebar = eps if eps_prev is None else gamma * eps + (1 - gamma) * eps_prev
-        sig_p = (sig_next / sig**mu) ** (1 / (1 - mu))
-        x0_hat = x - sig * eps
-        x = x - (sig - sig_p) * ebar
-        if mu > 0:
-            x = x + (sig_next**2 - sig_p**2).clamp(min=0).sqrt() * _noise(x, generator)
+        noise = _noise(x, generator) if mu > 0 else None
+        x_t, x = x, gamma_mu_step(x, s[i], s[i + 1], eps, eps_prev, gamma, mu, noise)
         eps_prev = eps
-        yield Step(i, sig, sig_next, x, eps, x0_hat, i + 1)
+        yield Step(i, sig, sig_next, x, eps, x_t, i + 1)
 
 
 def _dpmpp_2m(eps_fn, x, sigmas, generator) -> Iterator[Step]:
@@ -234,22 +260,22 @@ def _dpmpp_2m(eps_fn, x, sigmas, generator) -> Iterator[Step]:
     (first-order D̃ = D_t at the first step and when σ_{t−1} = 0).
     """
     d_prev, h_prev = None, None
+    s = sigmas.tolist()
     for i, (sig, sig_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         eps = eps_fn(x, sig)
         d = x - sig * eps
-        if sig_next == 0:
+        if s[i + 1] == 0:
             x_new = d
         else:
-            h = sig.log() - sig_next.log()
+            h = math.log(s[i]) - math.log(s[i + 1])
             d_bar = d
             if d_prev is not None:
-                r = h_prev / h
-                d_bar = (1 + 1 / (2 * r)) * d - (1 / (2 * r)) * d_prev
-            x_new = (sig_next / sig) * x - torch.expm1(-h) * d_bar
+                d_bar = torch.lerp(d, d_prev, -h / (2 * h_prev))  # (1 + 1/2r)·d − (1/2r)·d_prev
+            x_new = (x * (s[i + 1] / s[i])).add_(d_bar, alpha=-math.expm1(-h))
             h_prev = h
         d_prev = d
         x_old, x = x, x_new
-        yield Step(i, sig, sig_next, x, eps, x_old - sig * eps, i + 1)
+        yield Step(i, sig, sig_next, x, eps, x_old, i + 1)
 
 
 def _heun(eps_fn, x, sigmas, generator) -> Iterator[Step]:
@@ -259,18 +285,20 @@ def _heun(eps_fn, x, sigmas, generator) -> Iterator[Step]:
     Euler step when σ_{t−1} = 0. Two NFE per step except the last step to 0.
     """
     nfe = 0
+    s = sigmas.tolist()
     for i, (sig, sig_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         eps = eps_fn(x, sig)
         nfe += 1
-        x_euler = x + (sig_next - sig) * eps
-        x0_hat = x - sig * eps
-        if sig_next == 0:
+        dt = s[i + 1] - s[i]
+        x_euler = x.add(eps, alpha=dt)
+        x_t = x
+        if s[i + 1] == 0:
             x = x_euler
         else:
             eps2 = eps_fn(x_euler, sig_next)
             nfe += 1
-            x = x + (sig_next - sig) * (eps + eps2) / 2
-        yield Step(i, sig, sig_next, x, eps, x0_hat, nfe)
+            x = x.add(eps + eps2, alpha=dt / 2)
+        yield Step(i, sig, sig_next, x, eps, x_t, nfe)
 
 
 def _reverse_sde(eps_fn, x, sigmas, generator) -> Iterator[Step]:
@@ -280,13 +308,14 @@ def _reverse_sde(eps_fn, x, sigmas, generator) -> Iterator[Step]:
     ``∇_z log p_t(z) = −√(1+σ²)·eps/σ``. With h = t_i − t_{i−1}:
     ``z ← z + h·(½z + score) + √h·w``, and the result is mapped back to x = z·√(1+σ²).
     """
-    z = x * vp_scale(sigmas[0])
+    s = sigmas.tolist()
+    z = x / math.sqrt(1 + s[0] ** 2)
     for i, (sig, sig_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
-        x_t = z / vp_scale(sig)
+        root = math.sqrt(1 + s[i] ** 2)          # 1/vp_scale(σ_t)
+        x_t = z * root
         eps = eps_fn(x_t, sig)
-        h = torch.log1p(sig**2) - torch.log1p(sig_next**2)
-        score = -eps / (vp_scale(sig) * sig)
-        z = z + h * (0.5 * z + score)
-        if sig_next > 0:
-            z = z + h.sqrt() * _noise(z, generator)
-        yield Step(i, sig, sig_next, z / vp_scale(sig_next), eps, x_t - sig * eps, i + 1)
+        h = math.log1p(s[i] ** 2) - math.log1p(s[i + 1] ** 2)
+        z = (z * (1 + 0.5 * h)).add_(eps, alpha=-h * root / s[i])
+        if s[i + 1] > 0:
+            z = z.add_(_noise(z, generator), alpha=math.sqrt(h))
+        yield Step(i, sig, sig_next, z * math.sqrt(1 + s[i + 1] ** 2), eps, x_t, i + 1)

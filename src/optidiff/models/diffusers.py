@@ -38,6 +38,7 @@ from ..schedules import (
     trailing_indices,
     vp_scale,
 )
+from ..sampling import gamma_mu_step
 from .base import PREDICTION_TYPES, VPModel, sigma_like
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
     "GradientEstimationScheduler",
     "GradientEstimationSchedulerOutput",
     "from_diffusers",
-    "gamma_mu_step",
 ]
 
 
@@ -138,25 +138,6 @@ def from_diffusers(unet: nn.Module, scheduler_or_config: Any,
 
 # ------------------------------------------------------------------------------------------------
 # the (γ, μ) family as a diffusers scheduler
-
-
-def gamma_mu_step(x: Tensor, sigma: Tensor, sigma_next: Tensor, eps: Tensor,
-                  eps_prev: Tensor | None, gamma: float, mu: float,
-                  noise: Tensor | None = None) -> Tensor:
-    """One step of the (γ, μ) family (seed 003, eq. 12 and its stochastic form), x_t → x_{t−1}::
-
-        ebar = eps (first step, eps_prev None),  γ·eps + (1−γ)·eps_prev  (afterwards)
-        σ'   = (σ_{t−1} / σ_t^μ)^{1/(1−μ)}
-        x_{t−1} = x_t − (σ_t − σ')·ebar + √(σ_{t−1}² − σ'²)·noise      (noise needed when μ > 0)
-
-    The same arithmetic, in the same order, as ``optidiff.sampling``'s (γ, μ) loop.
-    """
-    ebar = eps if eps_prev is None else gamma * eps + (1 - gamma) * eps_prev
-    sig_p = (sigma_next / sigma**mu) ** (1 / (1 - mu))
-    x = x - (sigma - sig_p) * ebar
-    if mu > 0:
-        x = x + (sigma_next**2 - sig_p**2).clamp(min=0).sqrt() * noise
-    return x
 
 
 @dataclass
@@ -325,7 +306,7 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
         x = sample / vp_scale(sig)
         noise = (randn_tensor(sample.shape, generator=generator, device=dev, dtype=dt)
                  if self.config.mu > 0 else None)
-        x_next = gamma_mu_step(x, sig, sig_next, eps, eps_prev, self.config.gamma,
+        x_next = gamma_mu_step(x, sig.item(), sig_next.item(), eps, eps_prev, self.config.gamma,
                                self.config.mu, noise)
         self._eps_prev, self._prev_index = eps, i
         prev_sample, x0_hat = x_next * vp_scale(sig_next), x - sig * eps
