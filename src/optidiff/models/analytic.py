@@ -54,6 +54,9 @@ class ExactDenoiser(nn.Module, ABC):
         """E[x0 | x] at noise level ``sig`` (0-d or (B, 1, …, 1))."""
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(f"x must have shape (B, *{tuple(self.input_shape)}) for this denoiser, "
+                             f"got {tuple(x.shape)}")
         sig = sigma_like(sigma, x)
         return (x - self.denoise(x, sig)) / sig
 
