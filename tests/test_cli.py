@@ -1,5 +1,6 @@
 """Tests of the `optidiff` command (typer CliRunner), its configs and its run directories."""
 
+import json
 import math
 
 import pytest
@@ -63,7 +64,7 @@ def trained(tmp_path_factory):
 def test_help_lists_the_commands():
     result = invoke("--help")
     assert result.exit_code == 0
-    for cmd in ("train", "sample", "report", "demo", "bench"):
+    for cmd in ("train", "sample", "report", "demo", "demo-samplers", "optimize", "bench"):
         assert cmd in result.output
     assert invoke("--version").output.startswith("optidiff ")
 
@@ -204,7 +205,7 @@ def test_sample_missing_checkpoint(tmp_path):
 
 def test_demo_writes_plots_metrics_and_table(tmp_path):
     run = tmp_path / "demo"
-    result = invoke("demo", "--run-dir", run, "--steps", 30, "--n", 300, "--no-progress")
+    result = invoke("demo-samplers", "--run-dir", run, "--steps", 30, "--n", 300, "--no-progress")
     assert result.exit_code == 0, result.output
     for f in ("plots/1_trained.png", "plots/2_exact.png", "plots/loss.png", "report.html",
               "config.toml", "checkpoint/meta.json"):
@@ -374,3 +375,26 @@ def test_readme_config_is_valid():
     (block,) = _readme_blocks("toml")
     cfg = parse_config(tomllib.loads(block), "README.md")
     assert cfg.sample.sampler == "ge" and cfg.data.name == "swiss_roll"
+
+
+# ------------------------------------------------------------------------------------- optimize
+
+def test_optimize_runs_a_config_and_writes_the_report(tmp_path):
+    cfg = tmp_path / "opt.toml"
+    cfg.write_text('name = "t"\n[model]\nkind = "exact"\n[sampler]\nsteps = 10\n'
+                   '[optimize]\nrounds = 2\nbatch_size = 16\nincrement = 0.2\n')
+    result = invoke("optimize", cfg, "--run-dir", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["round"] for r in records if "round" in r][-1] == 2
+    assert (tmp_path / "run" / "report.html").exists()
+    assert "report:" in result.output
+
+
+def test_optimize_bad_field_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "opt.toml"
+    cfg.write_text('[optimize]\nrounds = -3\n')
+    result = invoke("optimize", cfg, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2
+    assert "optimize.rounds" in result.output and "Traceback" not in result.output

@@ -11,6 +11,7 @@ from .sampling import Step, sample, sample_iter
 from .schedules import (CosineSchedule, DDPMSchedule, KarrasSchedule, LDMSchedule,
                         LogLinearSchedule, SigmoidSchedule)
 from .training import TrainResult, dsm_loss, load_model, save_model, train
+from . import optimize  # after .training, which optimize uses
 
 __version__ = "0.1.0"
 

@@ -321,7 +321,46 @@ def demo_config(steps: int, n: int) -> RunConfig:
 
 
 @app.command()
+def optimize(
+    config: Annotated[Path, typer.Argument(help="Optimization config (TOML); see "
+                                                "examples/optimize_subspace.toml.")],
+    run_dir: RunDirOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir.")] = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """Generative optimization (Algorithm 1 or 2 of seed 000) from a config file.
+
+    Builds the task and the model (pre-trained and cached, loaded from a checkpoint, or exact),
+    runs the rounds writing each to the run directory, then writes plots and report.html."""
+    from .runs import run_optimize
+
+    with _clean_errors():
+        result, run = run_optimize(config, run_dir, resume=resume, progress=progress)
+    last = result.history[-1]
+    typer.echo(f"rounds: {len(result.history) - 1}, final mean reward {last['reward_mean']:.4g}")
+    typer.echo(f"run directory: {run.path}")
+    typer.echo(f"report: {run.path / 'report.html'}")
+
+
+@app.command()
 def demo(
+    run_dir: RunDirOpt = None,
+    rounds: Annotated[int, typer.Option(help="Optimization rounds.")] = 30,
+    progress: ProgressOpt = True,
+) -> None:
+    """Naive vs look-ahead gradient guidance on the subspace task, side by side.
+
+    Algorithm 1 of seed 000 on f1 = 10 − (θᵀx − 3)² with θ mostly off the data subspace: a small
+    network (pre-trained on first use, cached) guided by NaiveGradient and by LookAhead (G_loss);
+    prints reward and off-subspace ratio per round and writes a report."""
+    from .runs import demo as run_demo
+
+    with _clean_errors():
+        run_demo(run_dir, rounds, progress=progress)  # prints the table and the report's path
+
+
+@app.command("demo-samplers")
+def demo_samplers(
     run_dir: RunDirOpt = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 4000,
     n: Annotated[int, typer.Option("--n", help="Samples per sampler.")] = 4000,

@@ -1,0 +1,351 @@
+"""Algorithm 1 of seed 000: gradient-guided diffusion for generative optimization.
+
+Guo, Yuan, Yang, Chen, Wang, *Gradient Guidance for Diffusion Models: An Optimization Perspective*
+(NeurIPS 2024), Algorithm 1; the official code's settings are in ``research/ggdm.md`` §3. The
+pre-trained model is never changed::
+
+    z_0 = B samples of the unguided model
+    for k = 0 … K−1:
+        g_k = ∇f(z_k)                    gradient_at="sample": one per sample (official code, §3)
+                                         gradient_at="mean":   at the batch mean z̄_k (the paper)
+        y_k = g_kᵀz_k + δ                increment rule (``increment=δ``), or
+        y_k = y* − f(z_k) + g_kᵀz_k      fixed target with a first-order Taylor bias (``target=y*``,
+                                         the image code of ggdm.md §5)
+        z_{k+1} = B fresh samples guided by LookAhead(g_k, y_k) (or NaiveGradient)
+
+Seed 000's theorem: for concave, L-smooth f and a linear (Gaussian) score, the batch mean converges
+linearly to the regularized optimum x_λ* = argmax f(x) − (λ/2)‖x − x̄0‖²_{Σ̄0⁻¹}; with the
+increment rule and the Lemma-1 step size the fixed point has λ = σ_y²/δ (ggdm.md §7.3: the guided
+round samples the exact posterior, whose mean m satisfies m = x̄0 + Σ̄0·g·(gᵀ(z̄ − x̄0) + δ)/(σ_y² +
+gᵀΣ̄0 g); at z̄ = m this is m = x̄0 + (δ/σ_y²)·Σ̄0·∇f(m), the stationarity condition of x_λ*).
+
+The loop (shared with Algorithm 2, :mod:`optidiff.optimize.adaptive`) records one history entry per
+round (mean, spread and top-k reward, f at the batch mean, the caller's metrics such as the
+off-subspace ratio, the queries used so far), keeps the best samples seen, and, given ``run_dir``,
+writes after every round the record (``metrics.jsonl``), the samples (``samples/round_XXXXX
+.safetensors``) and a resumable state, so that a crash loses at most the round in progress and
+``resume=True`` continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..sampling import sample
+from . import _state
+from .objectives import Objective, as_objective
+
+__all__ = ["GRADIENT_AT", "GUIDANCES", "OptimizeResult", "gradient_guided", "make_guidance"]
+
+GUIDANCES = ("lookahead", "naive")
+GRADIENT_AT = ("sample", "mean")
+Metrics = Callable[[Tensor], dict[str, float]]
+
+
+@dataclass
+class OptimizeResult:
+    """Outcome of Algorithm 1 or 2.
+
+    Attributes:
+        history: one dict per round 0 … K (round 0: the unguided samples), see :func:`gradient_guided`.
+        samples: the last round's samples ``(B, *dims)``; ``rewards`` their f values.
+        best_samples, best_rewards: the ``top_k`` best samples seen in any round, best first.
+        model: the model that produced the last round (fine-tuned by Algorithm 2).
+        run_dir: where the run was written, if anywhere.
+    """
+
+    history: list[dict[str, Any]]
+    samples: Tensor
+    rewards: Tensor
+    best_samples: Tensor
+    best_rewards: Tensor
+    model: Any
+    objective: Objective
+    run_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def curve(self, key: str) -> list[float]:
+        """The values of ``key`` over the rounds, e.g. ``result.curve("reward_mean")``."""
+        return [rec.get(key, math.nan) for rec in self.history]
+
+
+def make_guidance(kind: str | Callable, g: Tensor, y: Tensor | float, *, beta: Any = None,
+                  noise_std: float = 0.1):
+    """The guidance of one round: ``"lookahead"`` → ``LookAhead(g, y)`` (G_loss, default β
+    ``"lemma1"``), ``"naive"`` → ``NaiveGradient(g, y)`` (default β ``"official"``), or a callable
+    ``kind(g, y)`` returning any guidance."""
+    if callable(kind):
+        return kind(g, y)
+    from ..guidance import LookAhead, NaiveGradient
+    cls = {"lookahead": LookAhead, "naive": NaiveGradient}[kind]
+    kwargs = {"noise_std": noise_std}
+    if beta is not None:
+        kwargs["beta"] = beta
+    return cls(g, y, **kwargs)
+
+
+def _check_args(rounds: int, batch_size: int, increment: float | None, target: float | None,
+                guidance: Any, gradient_at: str, noise_std: float, top_k: int,
+                run_dir: Any, resume: bool) -> None:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be an int >= 0, got rounds={rounds!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got batch_size={batch_size!r}")
+    if (increment is None) == (target is None):
+        raise ValueError("give exactly one target rule: increment=δ (y = gᵀz + δ) or target=y* "
+                         f"(y = y* − f(z) + gᵀz); got increment={increment!r}, target={target!r}")
+    if increment is not None and not (math.isfinite(increment) and increment > 0):
+        raise ValueError(f"increment (δ) must be finite and > 0, got increment={increment!r}")
+    if target is not None and not math.isfinite(target):
+        raise ValueError(f"target must be finite, got target={target!r}")
+    if not callable(guidance) and guidance not in GUIDANCES:
+        raise ValueError(f"unknown guidance={guidance!r}; choose one of {GUIDANCES} or pass a "
+                         "callable (g, y) -> guidance")
+    if gradient_at not in GRADIENT_AT:
+        raise ValueError(f"gradient_at must be one of {GRADIENT_AT}, got {gradient_at!r}")
+    if not (math.isfinite(noise_std) and noise_std > 0):
+        raise ValueError(f"noise_std (σ_y) must be finite and > 0, got noise_std={noise_std!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an int >= 1, got top_k={top_k!r}")
+    if resume and run_dir is None:
+        raise ValueError("resume=True needs run_dir (the directory of the run to continue)")
+
+
+def _flatdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).flatten(1).sum(1)
+
+
+def _targets(objective: Objective, z: Tensor, rewards: Tensor, gradient_at: str,
+             increment: float | None, target: float | None, reward_at_mean: Tensor | None
+             ) -> tuple[Tensor, Tensor]:
+    """(g, y) of the next round: per sample ``g (B, *dims), y (B,)`` or at the mean ``g (*dims),
+    y ()`` (gradient queries happen here)."""
+    if gradient_at == "mean":
+        zbar = z.mean(0, keepdim=True)
+        g = objective.grad(zbar)
+        lin = _flatdot(g, zbar)
+        y = lin + increment if increment is not None else target - reward_at_mean.view(1) + lin
+        return g[0], y[0]
+    g = objective.grad(z)
+    lin = _flatdot(g, z)
+    y = lin + increment if increment is not None else target - rewards + lin
+    return g, y
+
+
+def _record(k: int, z: Tensor, rewards: Tensor, objective: Objective, top_k: int,
+            metrics: Metrics | None, reward_at_mean: Tensor | None, y: Tensor | None,
+            seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+    kk = min(top_k, len(rewards))
+    rec: dict[str, Any] = {
+        "round": k,
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "reward_max": rewards.max().item(),
+        "reward_top_k": rewards.topk(kk).values.mean().item(),
+        "reward_at_mean": None if reward_at_mean is None else reward_at_mean.item(),
+        "target_mean": None if y is None else y.float().mean().item(),
+        **objective.queries,
+        "seconds": seconds,
+    }
+    for key, val in extra.items():
+        rec[key] = float(val) if isinstance(val, (Tensor, int, float)) else val
+    if metrics is not None:
+        for key, val in metrics(z).items():
+            rec[key] = float(val)
+    return rec
+
+
+def _config_json(config: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if callable(v) and not isinstance(v, str):
+            v = getattr(v, "__name__", type(v).__name__)
+        try:
+            json.dumps(v)
+        except TypeError:
+            v = repr(v)
+        out[k] = v
+    return out
+
+
+def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, batch_size: int,
+             increment: float | None, target: float | None, guidance: Any, gradient_at: str,
+             noise_std: float, beta: Any, sampler: str, sampler_kwargs: dict | None, top_k: int,
+             metrics: Metrics | None, run_dir: str | Path | None, resume: bool,
+             save_samples: bool, generator: torch.Generator | None, seed: int | None,
+             dtype: torch.dtype | None, device: torch.device | str | None, progress: bool,
+             updater: Any = None, algorithm: str = "gradient_guided",
+             config: dict[str, Any] | None = None) -> OptimizeResult:
+    """The loop shared by Algorithms 1 and 2 (``updater``: Algorithm 2's fine-tuning step)."""
+    _check_args(rounds, batch_size, increment, target, guidance, gradient_at, noise_std, top_k,
+                run_dir, resume)
+    objective = as_objective(objective)
+    if generator is None:
+        generator = torch.Generator(device=device or "cpu").manual_seed(0 if seed is None else seed)
+    skw = dict(sampler_kwargs or {})
+    skw.setdefault("sampler", sampler)
+
+    def draw(guid) -> Tensor:
+        return sample(model, sigmas, batch_size=batch_size, guidance=guid, generator=generator,
+                      dtype=dtype, device=device, **skw)
+
+    config = _config_json({"algorithm": algorithm, "batch_size": batch_size, "increment": increment,
+                           "target": target, "guidance": guidance, "gradient_at": gradient_at,
+                           "noise_std": noise_std, "beta": beta, "sampler": skw,
+                           "top_k": top_k,
+                           "sigmas": [float(v) for v in torch.as_tensor(sigmas).tolist()],
+                           **(config or {})})
+    rdir = Path(run_dir) if run_dir is not None else None
+    history: list[dict[str, Any]] = []
+    state = None
+    if rdir is not None:
+        rdir.mkdir(parents=True, exist_ok=True)
+        (rdir / "samples").mkdir(exist_ok=True)
+        state = _state.load_state(rdir, "state")
+        if state is not None and not resume:
+            raise FileExistsError(f"{rdir} already holds an optimization run (round "
+                                  f"{state['round']}); pass resume=True to continue it or choose "
+                                  "a new run_dir")
+        if state is not None:
+            old = json.loads((rdir / "config.json").read_text())
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+            if diff:
+                raise ValueError(f"cannot resume {rdir}: settings differ from the saved run in "
+                                 f"{', '.join(f'{k} ({old.get(k)!r} -> {config.get(k)!r})' for k in diff)}")
+        else:
+            _state.atomic_write_text(rdir / "config.json", json.dumps(config, indent=1))
+
+    def save(k: int, z: Tensor, rewards: Tensor, best: tuple[Tensor, Tensor]) -> None:
+        if rdir is None:
+            return
+        if save_samples:
+            _state.save_tensors(rdir / "samples" / f"round_{k:05d}.safetensors",
+                                {"samples": z, "rewards": rewards})
+        _state.append_jsonl(rdir / "metrics.jsonl", history[-1])
+        st = {"round": k, "z": z, "rewards": rewards, "best_samples": best[0],
+              "best_rewards": best[1], "generator": generator.get_state(),
+              "queries": objective.queries}
+        if updater is not None:
+            st["model"] = dict(model.state_dict())
+            st["updater"] = updater.state_dict()
+        _state.save_state(rdir, "state", st, tag=k)
+
+    def update_best(best, z, rewards):
+        allz = z if best is None else torch.cat([best[0], z])
+        allr = rewards if best is None else torch.cat([best[1], rewards])
+        idx = allr.topk(min(top_k, len(allr))).indices
+        return allz[idx], allr[idx]
+
+    def score(z: Tensor) -> tuple[Tensor, Tensor | None]:
+        rewards = objective.value(z)
+        at_mean = objective.value(z.mean(0, keepdim=True))[0] if gradient_at == "mean" else None
+        return rewards, at_mean
+
+    if state is not None:
+        start = int(state["round"])
+        if start > rounds:
+            raise ValueError(f"{rdir} already ran {start} rounds, more than rounds={rounds}")
+        z, rewards = state["z"].to(device=device or "cpu"), state["rewards"].to(device or "cpu")
+        best = (state["best_samples"].to(z), state["best_rewards"].to(rewards))
+        generator.set_state(state["generator"])
+        objective.load_queries(state["queries"])
+        if updater is not None:
+            model.load_state_dict(state["model"])
+            updater.load_state_dict(state["updater"])
+        history = [r for r in _state.read_jsonl(rdir / "metrics.jsonl") if r["round"] <= start]
+        _state.write_jsonl(rdir / "metrics.jsonl", history)
+        at_mean = (torch.tensor(history[-1]["reward_at_mean"], dtype=rewards.dtype)
+                   if gradient_at == "mean" else None)
+    else:
+        t0 = time.perf_counter()
+        z = draw(None)
+        rewards, at_mean = score(z)
+        best = update_best(None, z, rewards)
+        extra = updater.round_info() if updater is not None else {}
+        history.append(_record(0, z, rewards, objective, top_k, metrics, at_mean, None,
+                               time.perf_counter() - t0, extra))
+        save(0, z, rewards, best)
+        start = 0
+
+    bar = tqdm(range(start, rounds), desc=algorithm, disable=not progress, leave=False)
+    for k in bar:
+        t0 = time.perf_counter()
+        g, y = _targets(objective, z, rewards, gradient_at, increment, target, at_mean)
+        if updater is not None:
+            model = updater.step(model, k, z, generator)
+        z = draw(make_guidance(guidance, g, y, beta=beta, noise_std=noise_std))
+        rewards, at_mean = score(z)
+        best = update_best(best, z, rewards)
+        extra = updater.round_info() if updater is not None else {}
+        history.append(_record(k + 1, z, rewards, objective, top_k, metrics, at_mean, y,
+                               time.perf_counter() - t0, extra))
+        save(k + 1, z, rewards, best)
+        bar.set_postfix(reward=f"{history[-1]['reward_mean']:.4g}")
+    return OptimizeResult(history=history, samples=z, rewards=rewards, best_samples=best[0],
+                          best_rewards=best[1], model=model, objective=objective, run_dir=rdir)
+
+
+def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigmas: Tensor,
+                    *, rounds: int, batch_size: int, increment: float | None = None,
+                    target: float | None = None, guidance: str | Callable = "lookahead",
+                    gradient_at: str = "sample", noise_std: float = 0.1, beta: Any = None,
+                    sampler: str = "ddpm", sampler_kwargs: dict | None = None, top_k: int = 4,
+                    metrics: Metrics | None = None, run_dir: str | Path | None = None,
+                    resume: bool = False, save_samples: bool = True,
+                    generator: torch.Generator | None = None, seed: int | None = None,
+                    dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                    progress: bool = False) -> OptimizeResult:
+    """Algorithm 1 of seed 000 (formulas in the module docstring); the model is never changed.
+
+    Args:
+        model: a pre-trained optidiff model ``model(x, sigma, cond=None) -> eps`` with
+            ``input_shape``.
+        objective: ``f(x) -> (B,)`` (gradient by autograd) or an :class:`Objective` with its own
+            gradient oracle. Every value and gradient query is counted.
+        sigmas: the decreasing sampling grid (e.g. ``schedule.sample_sigmas(steps)``).
+        rounds: K, the number of guided rounds (round 0 is unguided).
+        batch_size: B, samples per round.
+        increment: δ of the rule ``y = gᵀz + δ`` (the official code's ``--interval``).
+        target: y* of the fixed-target rule ``y = y* − f(z) + gᵀz`` (give one of the two).
+        guidance: ``"lookahead"`` (G_loss), ``"naive"`` or a callable ``(g, y) -> guidance``.
+        gradient_at: ``"sample"`` (per-sample chains, as the official code) or ``"mean"`` (at the
+            batch mean, as the paper).
+        noise_std: σ_y of the guidance's observation model (0.1 as the official code).
+        beta: the guidance's step size (default: the guidance class's default).
+        sampler, sampler_kwargs: any ``od.sample`` sampler and its options (gamma, mu, chunk_size).
+        top_k: size of the top-k reward statistic and of the kept best samples (4 as the paper).
+        metrics: ``metrics(samples) -> {name: float}`` added to each round's record (e.g. the
+            off-subspace ratio of a task).
+        run_dir: write ``config.json``, ``metrics.jsonl``, ``samples/`` and a resumable state after
+            every round.
+        resume: continue the run in ``run_dir`` from its last completed round (same settings;
+            ``rounds`` may be larger).
+        generator, seed: the only source of randomness (default: a CPU generator seeded with
+            ``seed``, 0 if not given).
+        dtype, device: of the samples.
+        progress: show a progress bar over rounds.
+
+    Returns an :class:`OptimizeResult`. Each history record holds ``round``, ``reward_mean``,
+    ``reward_std``, ``reward_max``, ``reward_top_k`` (mean of the ``top_k`` best rewards of the
+    round), ``reward_at_mean`` (f(z̄_k), with ``gradient_at="mean"``), ``target_mean`` (mean y of
+    the guidance that produced the round), ``value_queries`` and ``grad_queries`` (cumulative, per
+    point: rounds 0 … k scored with B value queries each, plus one for f(z̄) with
+    ``gradient_at="mean"``; k gradient queries of B points, or of 1 point at the mean),
+    ``seconds``, and the caller's ``metrics``.
+    """
+    return run_loop(model, objective, sigmas, rounds=rounds, batch_size=batch_size,
+                    increment=increment, target=target, guidance=guidance,
+                    gradient_at=gradient_at, noise_std=noise_std, beta=beta, sampler=sampler,
+                    sampler_kwargs=sampler_kwargs, top_k=top_k, metrics=metrics, run_dir=run_dir,
+                    resume=resume, save_samples=save_samples, generator=generator, seed=seed,
+                    dtype=dtype, device=device, progress=progress)
