@@ -360,13 +360,25 @@ def test_readme_python_example_runs(tmp_path, capsys):
     """The README's example, run as a script with 5 training steps instead of 2000."""
     import runpy
 
-    (code,) = _readme_blocks("python")
+    code = _readme_blocks("python")[0]
     assert len(code.strip().splitlines()) <= 10
     assert "steps=2000" in code
     script = tmp_path / "readme_example.py"
     script.write_text(code.replace("steps=2000", "steps=5"))
     runpy.run_path(str(script), run_name="__main__")
     assert "torch.Size([2000, 2])" in capsys.readouterr().out
+
+
+def test_readme_optimization_example_runs(tmp_path, capsys):
+    """The README's Algorithm 1 example, with 2 rounds instead of 20."""
+    import runpy
+
+    code = _readme_blocks("python")[1]
+    assert "rounds=20" in code
+    script = tmp_path / "readme_optimize.py"
+    script.write_text("import torch, optidiff as od\n" + code.replace("rounds=20", "rounds=2"))
+    runpy.run_path(str(script), run_name="__main__")
+    assert float(capsys.readouterr().out.strip().splitlines()[-1]) > 0
 
 
 def test_readme_config_is_valid():

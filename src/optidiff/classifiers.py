@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .models.base import sigma_like
-from .models.mlp import SigmaEmbedding
+from .models.mlp import SigmaEmbedding, mlp_stack
 
 __all__ = ["NoiseConditionalClassifier", "train_classifier"]
 
@@ -47,13 +47,7 @@ class NoiseConditionalClassifier(nn.Module):
         self.num_classes = num_classes
         self.sigma_data = sigma_data
         self.embed = SigmaEmbedding(emb_dim)
-        layers: list[nn.Module] = []
-        width = math.prod(shape) + emb_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_stack(math.prod(shape) + emb_dim, hidden, depth, num_classes)
 
     @property
     def config(self) -> dict[str, Any]:

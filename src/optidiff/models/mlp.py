@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base import sigma_like
 
-__all__ = ["SigmaEmbedding", "TimeMLP"]
+__all__ = ["SigmaEmbedding", "TimeMLP", "embed_sigma_and_label", "mlp_stack"]
 
 
 class SigmaEmbedding(nn.Module):
@@ -27,6 +27,29 @@ class SigmaEmbedding(nn.Module):
     def forward(self, sigma: Tensor) -> Tensor:
         c = 0.25 * sigma.log().reshape(-1, 1) * self.freqs.to(sigma.dtype)
         return torch.cat([c.sin(), c.cos()], dim=-1)
+
+
+def mlp_stack(width_in: int, hidden: int, depth: int, width_out: int) -> nn.Sequential:
+    """``depth`` Linear+SiLU layers of width ``hidden``, then a Linear to ``width_out``."""
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(width_in if i == 0 else hidden, hidden), nn.SiLU()]
+    layers.append(nn.Linear(hidden if depth else width_in, width_out))
+    return nn.Sequential(*layers)
+
+
+def embed_sigma_and_label(embed: SigmaEmbedding, class_embed: nn.Embedding | None, x: Tensor,
+                          sigma: Tensor, cond: Any) -> Tensor:
+    """Per-sample embedding (B, emb_dim): the σ embedding plus, for a class-conditional network,
+    the label's embedding; label −1 or ``cond=None`` selects the null class (the last row of
+    ``class_embed``), which classifier-free guidance uses as "unconditional"."""
+    emb = embed(torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x)))
+    if class_embed is None:
+        return emb
+    null = class_embed.num_embeddings - 1
+    labels = (torch.full((len(x),), -1, device=x.device, dtype=torch.long)
+              if cond is None else torch.as_tensor(cond, device=x.device).long())
+    return emb + class_embed(torch.where(labels < 0, null, labels))
 
 
 class TimeMLP(nn.Module):
@@ -50,13 +73,7 @@ class TimeMLP(nn.Module):
         self.num_classes = num_classes
         self.embed = SigmaEmbedding(emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
-        layers: list[nn.Module] = []
-        width = dim + emb_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.SiLU()]
-            width = hidden
-        layers.append(nn.Linear(width, dim))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_stack(dim + emb_dim, hidden, depth, dim)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -65,10 +82,6 @@ class TimeMLP(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         sig = sigma_like(sigma, x)
-        emb = self.embed(torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x)))
-        if self.class_embed is not None:
-            labels = (torch.full((len(x),), -1, device=x.device, dtype=torch.long)
-                      if cond is None else torch.as_tensor(cond, device=x.device).long())
-            emb = emb + self.class_embed(torch.where(labels < 0, self.num_classes, labels))
+        emb = embed_sigma_and_label(self.embed, self.class_embed, x, sigma, cond)
         h = torch.cat([x / (sig**2 + self.sigma_data**2).sqrt(), emb], dim=-1)
         return self.net(h)

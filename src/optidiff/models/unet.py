@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import sigma_like
-from .mlp import SigmaEmbedding
+from .mlp import SigmaEmbedding, embed_sigma_and_label
 
 __all__ = ["UNet"]
 
@@ -139,11 +139,7 @@ class UNet(nn.Module):
             raise ValueError(f"x must have shape (B, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
         sig = sigma_like(sigma, x)
-        emb = self.embed(torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(len(x)))
-        if self.class_embed is not None:
-            labels = (torch.full((len(x),), -1, device=x.device, dtype=torch.long)
-                      if cond is None else torch.as_tensor(cond, device=x.device).long())
-            emb = emb + self.class_embed(torch.where(labels < 0, self.num_classes, labels))
+        emb = embed_sigma_and_label(self.embed, self.class_embed, x, sigma, cond)
         h = self.conv_in(x / (sig**2 + self.sigma_data**2).sqrt())
         skips = [h]
         for layer in self.down:
