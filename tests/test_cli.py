@@ -410,3 +410,16 @@ def test_optimize_bad_field_is_one_clear_line(tmp_path):
     result = invoke("optimize", cfg, "--run-dir", tmp_path / "run")
     assert result.exit_code == 2
     assert "optimize.rounds" in result.output and "Traceback" not in result.output
+
+
+def test_optimize_dispatches_an_offline_config(tmp_path):
+    cfg = tmp_path / "offline.toml"
+    cfg.write_text('name = "t"\n[task]\nname = "subspace"\nD = 6\nd = 2\nn_unlabeled = 200\n'
+                   'n_labeled = 30\n[reward]\nkind = "ridge"\n[method]\n'
+                   '[model]\nhidden = 16\ndepth = 2\nemb_dim = 16\ncond_emb_dim = 8\n'
+                   '[train]\nsteps = 10\nbatch_size = 16\n'
+                   '[sample]\ntargets = [0.5]\nn = 16\nsteps = 4\nseeds = [0]\n')
+    result = invoke("optimize", cfg, "--run-dir", tmp_path / "run", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["subopt"] == pytest.approx(0.5 - rec["reward_mean"])

@@ -9,6 +9,7 @@ imported inside the commands (matplotlib, safetensors and the training code only
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import time
@@ -335,11 +336,34 @@ def optimize(
     from .runs import run_optimize
 
     with _clean_errors():
+        if _is_offline_config(config):
+            _run_offline(config, run_dir, progress)
+            return
         result, run = run_optimize(config, run_dir, resume=resume, progress=progress)
     last = result.history[-1]
     typer.echo(f"rounds: {len(result.history) - 1}, final mean reward {last['reward_mean']:.4g}")
     typer.echo(f"run directory: {run.path}")
     typer.echo(f"report: {run.path / 'report.html'}")
+
+
+def _is_offline_config(config: Path) -> bool:
+    """Offline reward maximization (seed 002) configs have a ``[method]`` section; generative
+    optimization (seed 000) configs an ``[optimize]`` section."""
+    from .config import read_toml
+
+    return "method" in read_toml(config)
+
+
+def _run_offline(config: Path, run_dir: Path | None, progress: bool) -> None:
+    from .optimize.offline import load_offline_config, run_offline
+    from .report import RunDir
+
+    cfg = load_offline_config(config)
+    run = RunDir.create(cfg.name, path=run_dir, title=f"optidiff optimize (offline): {cfg.name}",
+                        command=f"optidiff optimize {config}")
+    summary = run_offline(cfg, run.path, progress=progress)
+    typer.echo(json.dumps(summary.get("timings", {}), indent=1))
+    typer.echo(f"run directory: {run.path}")
 
 
 @app.command()

@@ -198,18 +198,22 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
         raise ConfigError(f"{source}: " + "; ".join(_describe(x) for x in e.errors())) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run configuration."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file as a dict; ConfigError naming the file for an unreadable or malformed one."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
-    return parse_config(data, str(path))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a TOML run configuration."""
+    return parse_config(read_toml(path), str(path))
 
 
 def _toml_value(v: Any) -> str:

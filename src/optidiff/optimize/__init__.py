@@ -14,6 +14,7 @@ from . import reference
 from .adaptive import DSMFinetune, GaussianRefit, adaptive, refit_gaussian
 from .gradient_guided import OptimizeResult, gradient_guided, make_guidance
 from .objectives import Objective, ObjectiveError, as_objective
+from .offline import reward_conditioned
 
 __all__ = [
            "DSMFinetune",
@@ -27,4 +28,5 @@ __all__ = [
            "make_guidance",
            "reference",
            "refit_gaussian",
+           "reward_conditioned",
 ]
