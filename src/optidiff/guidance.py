@@ -286,7 +286,10 @@ class GuidanceTerm:
 
     def _correction(self, model: Model, x: Tensor, sigma: Tensor, cond: Any, rows: slice,
                     batch: int) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """(eps, G) on the chunk ``rows`` of a batch of ``batch``; every gradient term defines it
+        (ClassifierFree and Sum override ``eps_and_correction`` instead)."""
+        raise TypeError(f"{type(self).__name__} defines neither _correction nor "
+                        f"eps_and_correction")
 
     def __add__(self, other: Any) -> Sum:
         if not isinstance(other, GuidanceTerm):
