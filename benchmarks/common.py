@@ -40,6 +40,7 @@ __all__ = [
     "markdown_table",
     "parser",
     "set_threads",
+    "simple_main",
     "timer",
     "update_markdown",
     "write_results",
@@ -209,6 +210,18 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                    help="wall (default) or cpu: process CPU time, robust on a busy machine "
                         "(use with --threads 1)")
+
+
+def simple_main(name: str, doc: str, run: Callable[..., dict], argv=None) -> dict:
+    """The ``main`` of a benchmark whose ``run`` takes ``quick`` and ``threads``: parse the common
+    arguments (``--clock`` is accepted, for ``optidiff bench all --clock …``, and unused), run,
+    print and write."""
+    p = parser(name, doc.splitlines()[0])
+    add_timing_args(p)
+    args = p.parse_args(argv)
+    result = run(quick=args.quick, threads=args.threads)
+    finish(name, result, args)
+    return result
 
 
 def finish(name: str, result: dict[str, Any], args: argparse.Namespace) -> None:

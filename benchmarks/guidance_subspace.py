@@ -34,7 +34,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from benchmarks.common import RESULTS_DIR, finish, machine_info, markdown_table, parser, set_threads
+from benchmarks.common import RESULTS_DIR, machine_info, markdown_table, set_threads, simple_main
 
 import optidiff as od
 from optidiff.guidance import LookAhead
@@ -283,12 +283,7 @@ def _claims(sections):
 
 
 def main(argv=None) -> dict:
-    p = parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = p.parse_args(argv)
-    result = run(quick=args.quick, threads=args.threads)
-    finish(NAME, result, args)
-    return result
+    return simple_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-from benchmarks.common import finish, markdown_table, parser, set_threads
+from benchmarks.common import markdown_table, set_threads, simple_main
 
 import optidiff as od
 from optidiff.models import GaussianDenoiser, SubspaceGaussianDenoiser
@@ -176,12 +176,7 @@ def run(quick: bool = False, threads: int | None = 1) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = parser(NAME, __doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = p.parse_args(argv)
-    result = run(quick=args.quick, threads=args.threads)
-    finish(NAME, result, args)
-    return result
+    return simple_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from benchmarks.common import add_timing_args, finish, markdown_table, parser, set_threads
+from benchmarks.common import markdown_table, set_threads, simple_main
 
 import optidiff as od
 from optidiff import metrics
@@ -258,12 +258,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = parser(NAME, __doc__.splitlines()[0])
-    add_timing_args(p)  # --clock is accepted (for `optidiff bench all --clock …`) but unused here
-    args = p.parse_args(argv)
-    result = run(quick=args.quick, threads=args.threads)
-    finish(NAME, result, args)
-    return result
+    return simple_main(NAME, __doc__, run, argv)
 
 
 if __name__ == "__main__":
