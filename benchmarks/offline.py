@@ -241,9 +241,9 @@ def _markdown(sub: dict | None, tf: dict | None, threads: int) -> str:
     md: list[str] = []
     if sub is not None:
         s = sub["settings"]
-        md += [f"**subspace** (D = {s['D']}, d = {s['d']}, {s['n_unlabeled']:,} unlabeled, label "
-               f"noise {s['noise']}, {s['samples']:,} samples per target; f* ~ N(0, 1) on the "
-               f"data). SubOpt(a) / off-support distance ‖(I − AAᵀ)x‖:", ""]
+        md += [(f"**subspace** (D = {s['D']}, d = {s['d']}, {s['n_unlabeled']:,} unlabeled, label "
+                f"noise {s['noise']}, {s['samples']:,} samples per target; f* ~ N(0, 1) on the "
+                f"data). SubOpt(a) / off-support distance ‖(I − AAᵀ)x‖:"), ""]
         cols = ["a"] + [f"n_label={r['n_label']}" for r in sub["rows"]] + \
             [f"classifier guidance (n_label={s['budgets'][-1]})"]
         table = []
@@ -265,9 +265,10 @@ def _markdown(sub: dict | None, tf: dict | None, threads: int) -> str:
         md += [""]
     if tf is not None:
         st = tf["settings"]
-        md += [f"**tfbind8** ({tf['task']['visible']:,} visible of {tf['task']['full']:,}, best "
-               f"visible {tf['task']['best_visible']:.4f}; {st['candidates']} candidates per seed, "
-               f"{st['seeds']} seeds, mean ± std over seeds; torch threads = {threads}):", ""]
+        md += [(f"**tfbind8** ({tf['task']['visible']:,} visible of {tf['task']['full']:,}, best "
+                f"visible {tf['task']['best_visible']:.4f}; {st['candidates']} candidates per "
+                f"seed, {st['seeds']} seeds, mean ± std over seeds; torch threads = {threads}):"),
+               ""]
         table = [{"method": r["method"], "100th pct": _ms(r["p100"]), "50th pct": _ms(r["p50"]),
                   "novel": f"{statistics.mean(r['novel']):.2f}",
                   "s / seed (max)": f"{statistics.mean(r['seconds']):.0f} "
@@ -275,8 +276,11 @@ def _markdown(sub: dict | None, tf: dict | None, threads: int) -> str:
                  for r in tf["rows"]]
         md += [markdown_table(table, ["method", "100th pct", "50th pct", "novel",
                                       "s / seed (max)"]), ""]
-        md += ["novel: fraction of candidates outside the visible data. Published 100th-percentile "
-               "numbers on TFBind8 (`research/offline_mbo.md` §2.2–§2.3):", ""]
+        md += [("novel: fraction of candidates outside the visible data. s / seed: wall-clock "
+                "seconds per seed of everything the method needs (reward fit, training, "
+                "sampling), mean and max over seeds, on the machine recorded in "
+                "`results/offline.json`. Published "
+                "100th-percentile numbers on TFBind8 (`research/offline_mbo.md` §2.2–§2.3):"), ""]
         pub = [{"source": a, "100th pct": b, "protocol": c} for a, b, c in PUBLISHED_DDOM]
         pub += [{"source": f"Design-Bench README: {a}", "100th pct": b,
                  "protocol": "128 candidates, 8 trials"} for a, b in DESIGN_BENCH_README]
