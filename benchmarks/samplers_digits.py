@@ -350,6 +350,19 @@ def markdown(results: dict, nfes) -> str:
     return "\n".join(md)
 
 
+def merge(old: dict | None, new: dict) -> dict:
+    """``new`` over ``old`` (one data set); in the lists of rows, only the σ grids that ``new``
+    measured are replaced, so the grids can be run by separate invocations."""
+    if old is None:
+        return new
+    out = {**old, **new}
+    for key in ("rows", "agreement", "spread"):
+        ran = {r["schedule"] for r in new.get(key, [])}
+        out[key] = [r for r in old.get(key, []) if r["schedule"] not in ran] + new.get(key, [])
+    out["sampling_seconds"] = sum(r["seconds"] for r in out["rows"])
+    return out
+
+
 def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
         n_samples: dict | None = None, samplers: dict | None = None, nfes: dict | None = None,
         schedule_names: dict | None = None,
@@ -359,28 +372,35 @@ def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
         spread_only: bool = False) -> dict:
     threads = set_threads(threads)
     t0 = time.perf_counter()
-    previous = {}
-    if merge_from is not None and merge_from.exists():
-        previous = json.loads(merge_from.read_text()).get("datasets", {})
-    results = dict(previous)
+
+    def previous() -> dict:
+        if merge_from is None or not merge_from.exists():
+            return {}
+        return json.loads(merge_from.read_text()).get("datasets", {})
+
+    new = {}
     for ds in datasets:
         n = (n_samples or {}).get(ds, 200 if quick else 2000)
         seeds = (0 if quick else 2) if spread_seeds is None else spread_seeds
         if spread_only:
-            if ds not in results:
+            old = previous().get(ds)
+            if old is None:
                 raise ValueError(f"--spread-only needs an earlier run of {ds!r} in the results")
-            n = results[ds]["n_samples"]
-            results[ds]["spread"] = spread(ds, n, seeds or 2, (schedule_names or {}).get(ds),
-                                           model_steps, progress)
+            new[ds] = {"spread": spread(ds, old["n_samples"], seeds or 2,
+                                        (schedule_names or {}).get(ds), model_steps, progress)}
             continue
         labels = (samplers or {}).get(ds, ["ddim", "ge γ=2", "dpmpp_2m", "diffusers dpmpp_2m"]
                                       if quick else list(SAMPLERS))
         nf = (nfes or {}).get(ds, (5, 10) if quick else NFES)
-        results[ds] = evaluate(ds, n, labels, tuple(nf), inception=inception and ds == "mnist5k",
-                               n_inception=n_inception, progress=progress,
-                               model_steps=model_steps,
-                               schedule_names=(schedule_names or {}).get(ds),
-                               spread_seeds=seeds)
+        new[ds] = evaluate(ds, n, labels, tuple(nf), inception=inception and ds == "mnist5k",
+                           n_inception=n_inception, progress=progress,
+                           model_steps=model_steps,
+                           schedule_names=(schedule_names or {}).get(ds),
+                           spread_seeds=seeds)
+    # read the earlier results only now: another invocation may have written other σ grids
+    results = previous()
+    for ds, res in new.items():
+        results[ds] = merge(results.get(ds), res)
     elapsed = time.perf_counter() - t0
     all_nfes = sorted({r["nfe_target"] for res in results.values() for r in res["rows"]})
     if plot_path is not None:

@@ -15,7 +15,7 @@ from . import optimize  # after .training, which optimize uses
 
 __version__ = "0.1.0"
 
-__all__ = ["models", "schedules", "sample", "sample_iter", "Step", "LogLinearSchedule",
+__all__ = ["models", "schedules", "guidance", "optimize", "sample", "sample_iter", "Step", "LogLinearSchedule",
            "DDPMSchedule", "LDMSchedule", "CosineSchedule", "SigmoidSchedule", "KarrasSchedule",
            "checkpoint", "CheckpointError", "train", "dsm_loss", "TrainResult", "save_model",
            "load_model"]

@@ -12,15 +12,12 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+from pydantic import Field, model_validator
 
 from . import schedules as S
 from .sampling import SAMPLERS, resolve_sampler
+from .schema import ConfigError, RunName, choice, read_toml, validate
+from .schema import Section as _Section
 from .tasks.toy2d import DATASETS
 
 __all__ = [
@@ -39,27 +36,12 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A configuration file that cannot be read or does not validate."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-
 class DataConfig(_Section):
     """``[data]``: which toy 2-D data set, how many points, drawn with which seed."""
 
-    name: str = "gaussian_mixture"
+    name: choice(DATASETS, "data set") = "gaussian_mixture"
     n: int = Field(20_000, gt=0)
     seed: int = 0
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in DATASETS:
-            raise ValueError(f"unknown data set, choose one of {', '.join(DATASETS)}")
-        return v
 
 
 class ModelConfig(_Section):
@@ -131,20 +113,13 @@ class TrainConfig(_Section):
 class SampleConfig(_Section):
     """``[sample]``: the sampler run after training (see ``optidiff.sampling``)."""
 
-    sampler: str = "ge"
+    sampler: choice(SAMPLERS, "sampler") = "ge"
     steps: int = Field(10, gt=0)
     n: int = Field(2000, gt=0)
     gamma: float | None = Field(None, gt=0, allow_inf_nan=False)
     mu: float | None = Field(None, ge=0, lt=1)
     seed: int = 0
     final_zero: bool = True
-
-    @field_validator("sampler")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in SAMPLERS:
-            raise ValueError(f"unknown sampler, choose one of {', '.join(SAMPLERS)}")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> SampleConfig:
@@ -155,7 +130,7 @@ class SampleConfig(_Section):
 class RunConfig(_Section):
     """A whole training run; ``name`` names the run directory ``runs/<name>-<time>``."""
 
-    name: str = Field("toy", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName = "toy"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -176,39 +151,9 @@ def build_schedule(cfg: ScheduleConfig) -> S.Schedule:
     return cls(**cfg.params())
 
 
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if not loc:
-        return msg
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (value {err['input']!r})"
-    if err["type"] == "missing":
-        return f"{loc}: required"
-    if isinstance(err.get("input"), dict):  # a section-level check: the section's own message
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {err.get('input')!r})"
-
-
 def parse_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
     """Validate a parsed config mapping; errors become one :class:`ConfigError` naming ``source``."""
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: " + "; ".join(_describe(x) for x in e.errors())) from None
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """The TOML file as a dict; ConfigError naming the file for an unreadable or malformed one."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: malformed TOML: {e}") from None
+    return validate(RunConfig, data, source)
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -61,8 +61,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
+
+from .sampling import SAMPLERS, resolve_sampler
+from .schema import RunName, choice, one_of, read_toml, validate
+from .schema import Section as _Section
 
 __all__ = [
     "TASKS",
@@ -81,13 +85,11 @@ TASKS = ("subspace", "sphere")
 
 def make_task(name: str, seed: int = 0):
     """The task object ``name`` (``"subspace"`` or ``"sphere"``) with ``seed``."""
-    if name == "subspace":
+    if one_of(name, TASKS, "task") == "subspace":
         from .tasks.subspace import SubspaceTask
         return SubspaceTask(seed=seed)
-    if name == "sphere":
-        from .tasks.sphere import SphereTask
-        return SphereTask(seed=seed)
-    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    from .tasks.sphere import SphereTask
+    return SphereTask(seed=seed)
 
 
 def _objectives(task: str) -> tuple[str, ...]:
@@ -100,21 +102,10 @@ def _objectives(task: str) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------------------- config
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
-
-
 class TaskConfig(_Section):
-    name: str = "subspace"
+    name: choice(TASKS, "task") = "subspace"
     objective: str | None = None
     seed: int = 0
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in TASKS:
-            raise ValueError(f"unknown task, choose one of {', '.join(TASKS)}")
-        return v
 
     @model_validator(mode="after")
     def _objective(self) -> TaskConfig:
@@ -153,16 +144,13 @@ class ModelSection(_Section):
 
 
 class SamplerSection(_Section):
-    name: str = "ddpm"
+    name: choice(SAMPLERS, "sampler") = "ddpm"
     steps: int = Field(50, gt=0, le=1000)
     gamma: float | None = Field(None, gt=0, allow_inf_nan=False)
     mu: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> SamplerSection:
-        from .sampling import SAMPLERS, resolve_sampler
-        if self.name not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.name!r}; choose one of {', '.join(SAMPLERS)}")
         resolve_sampler(self.name, self.gamma, self.mu)
         return self
 
@@ -211,7 +199,7 @@ class FinetuneSection(_Section):
 class OptimizeConfig(_Section):
     """A whole ``optidiff optimize`` run (see the module docstring)."""
 
-    name: str = Field("optimize", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName = "optimize"
     task: TaskConfig = Field(default_factory=TaskConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     sampler: SamplerSection = Field(default_factory=SamplerSection)
@@ -227,49 +215,14 @@ class OptimizeConfig(_Section):
         return self
 
 
-def _config_error():
-    from .config import ConfigError
-    return ConfigError
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (value {err['input']!r})"
-    if err["type"] == "missing":
-        return f"{loc}: required"
-    if not loc:
-        return msg
-    if isinstance(err.get("input"), dict):
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {err.get('input')!r})"
-
-
 def parse_optimize_config(data: dict[str, Any], source: str = "<config>") -> OptimizeConfig:
     """Validate a parsed mapping; every problem becomes one ``ConfigError`` naming ``source``."""
-    try:
-        return OptimizeConfig.model_validate(data)
-    except ValidationError as e:
-        raise _config_error()(f"{source}: " + "; ".join(_describe(x) for x in e.errors())) from None
+    return validate(OptimizeConfig, data, source)
 
 
 def load_optimize_config(path: str | Path) -> OptimizeConfig:
     """Read and validate an ``optidiff optimize`` TOML file."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise _config_error()(f"{path}: cannot read config file ({e.strerror or e})") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise _config_error()(f"{path}: malformed TOML: {e}") from None
-    return parse_optimize_config(data, str(path))
+    return parse_optimize_config(read_toml(path), str(path))
 
 
 # --------------------------------------------------------------------------------------- model

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..models.base import sigma_like
@@ -58,6 +58,8 @@ from ..models.conditional import ConditionalMLP
 from ..models.mlp import TimeMLP
 from ..sampling import SAMPLERS, sample
 from ..schedules import LogLinearSchedule, Schedule
+from ..schema import ConfigError, RunName, choice, read_toml, validate
+from ..schema import Section as _Section
 from ..training import TrainResult, register_model, train
 
 __all__ = [
@@ -791,12 +793,8 @@ def linear_subspace_problem(D: int = 64, d: int = 16, n_unlabeled: int = 65_536,
 
 
 
-class OfflineConfigError(ValueError):
+class OfflineConfigError(ConfigError):
     """An offline-run configuration that cannot be read or does not validate."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TaskSection(_Section):
@@ -910,7 +908,7 @@ class SampleSection(_Section):
     targets: list[Target] = Field(default_factory=lambda: ["max"], min_length=1)
     n: int = Field(128, ge=1)
     steps: int = Field(100, ge=1)
-    sampler: str = "ddpm"
+    sampler: choice(SAMPLERS, "sampler") = "ddpm"
     prior: Literal["ve", "vp"] = "ve"
     cfg_weight: float = Field(1.0, allow_inf_nan=False)
     guidance_scale: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -920,9 +918,6 @@ class SampleSection(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SampleSection:
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of "
-                             f"{', '.join(SAMPLERS)}")
         for t in [*self.targets, self.guidance_target]:
             if isinstance(t, str) and t not in ("max", "ascent") and not (
                     t.startswith("q") and t[1:].replace(".", "", 1).isdigit()
@@ -936,7 +931,7 @@ class SampleSection(_Section):
 class OfflineConfig(_Section):
     """A whole offline reward-maximization run (``optidiff optimize CONFIG``)."""
 
-    name: str = Field("offline", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: RunName = "offline"
     task: TaskSection = Field(default_factory=TaskSection)
     reward: RewardSection = Field(default_factory=RewardSection)
     method: MethodSection = Field(default_factory=MethodSection)
@@ -961,43 +956,16 @@ class OfflineConfig(_Section):
         return self
 
 
-def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key (value {err['input']!r})"
-    if isinstance(err.get("input"), dict):
-        return f"{loc}: {msg}"
-    return f"{loc}: {msg} (got {err.get('input')!r})"
-
-
 def load_offline_config(config: dict[str, Any] | str | os.PathLike | OfflineConfig
                         ) -> OfflineConfig:
     """Validate a mapping, a TOML file path or an :class:`OfflineConfig`; every problem becomes one
     :class:`OfflineConfigError` naming the source and the field path."""
     if isinstance(config, OfflineConfig):
         return config
-    source = "<config>"
     if isinstance(config, (str, os.PathLike)):
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        source = str(config)
-        try:
-            config = tomllib.loads(Path(config).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise OfflineConfigError(f"{source}: cannot read config file ({e})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise OfflineConfigError(f"{source}: malformed TOML: {e}") from None
-    if not isinstance(config, dict):
-        raise OfflineConfigError(f"config must be a mapping or a TOML path, got "
-                                 f"{type(config).__name__}")
-    try:
-        return OfflineConfig.model_validate(config)
-    except ValidationError as e:
-        raise OfflineConfigError(f"{source}: " + "; ".join(_describe(x) for x in e.errors())) \
-            from None
+        return validate(OfflineConfig, read_toml(config, OfflineConfigError), str(config),
+                        OfflineConfigError)
+    return validate(OfflineConfig, config, error=OfflineConfigError)
 
 
 def _problem(cfg: OfflineConfig) -> dict[str, Any]:
