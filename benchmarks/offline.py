@@ -82,6 +82,17 @@ def _ms(xs: list[float]) -> str:
 
 # ---------------------------------------------------------------------------------- subspace
 
+def _curve(result, p, targets, n_samp: int) -> list[dict]:
+    """Reward, SubOpt(a) and off-support distance of ``n_samp`` samples at each target ``a``."""
+    curve = []
+    for a in targets:
+        x = result.generate(a, n_samp, seed=1)
+        f = p.reward(x)
+        curve.append({"a": a, "reward_mean": float(f.mean()), "reward_std": float(f.std()),
+                      "subopt": O.subopt(a, f), "off_support": float(p.off_support(x).mean())})
+    return curve
+
+
 def run_subspace(quick: bool = False) -> dict:
     if quick:
         D, d, n_unl, budgets, steps, n_samp = 16, 4, 8192, (16, 1024), 600, 512
@@ -97,12 +108,7 @@ def run_subspace(quick: bool = False) -> dict:
         t0 = time.perf_counter()
         res = O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, **fit)
         theta_err = float((res.reward_model.theta - p.theta).norm())
-        curve = []
-        for a in targets:
-            x = res.generate(a, n_samp, seed=1)
-            f = p.reward(x)
-            curve.append({"a": a, "reward_mean": float(f.mean()), "reward_std": float(f.std()),
-                          "subopt": O.subopt(a, f), "off_support": float(p.off_support(x).mean())})
+        curve = _curve(res, p, targets, n_samp)
         seconds[f"rcd_n{n}"] = time.perf_counter() - t0
         print(f"subspace n_label={n}: {seconds[f'rcd_n{n}']:.0f} s, SubOpt "
               + " ".join(f"{c['subopt']:+.2f}" for c in curve), file=sys.stderr, flush=True)
@@ -114,12 +120,7 @@ def run_subspace(quick: bool = False) -> dict:
     cg = O.reward_guided(p.unlabeled, p.x_labeled, p.y_labeled, reward="ridge",
                          guidance_scale=20.0, guidance_clip=1.0,
                          **{k: v for k, v in fit.items() if k != "reward"})
-    curve = []
-    for a in targets:
-        x = cg.generate(a, n_samp, seed=1)
-        f = p.reward(x)
-        curve.append({"a": a, "reward_mean": float(f.mean()), "reward_std": float(f.std()),
-                      "subopt": O.subopt(a, f), "off_support": float(p.off_support(x).mean())})
+    curve = _curve(cg, p, targets, n_samp)
     seconds["classifier_guidance"] = time.perf_counter() - t0
     curves[f"classifier guidance, n_label={budgets[-1]}"] = curve
     plot = None if quick else _plot(curves, RESULTS_DIR / "offline_subspace.png")

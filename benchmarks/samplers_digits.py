@@ -35,6 +35,7 @@ if __package__ in (None, ""):
 
 import torch
 from benchmarks.common import finish, markdown_table, parser, set_threads
+from benchmarks.samplers import SIGMA_RANGE, grid, schedules
 
 import optidiff as od
 from optidiff.schedules import sigma_to_alpha_bar, vp_scale
@@ -55,21 +56,8 @@ SAMPLERS = {
 }
 #: cells whose samples are kept (the diffusers cross-check and the Inception row)
 KEEP = ("ddim", "ge γ=2", "dpmpp_2m", "diffusers dpmpp_2m")
-SIGMA_RANGE = (0.01, 40.0)
 SEED = 0
 CHUNK = 500
-
-
-def schedules() -> dict[str, od.schedules.Schedule]:
-    return {"loglinear": od.LogLinearSchedule(*SIGMA_RANGE, n=1000), "ddpm": od.DDPMSchedule()}
-
-
-def grid(schedule, sampler: str, nfe: int) -> tuple[torch.Tensor, int]:
-    """σ grid for a target NFE, and the NFE it costs (Heun: 2·steps − 1)."""
-    if sampler == "heun":
-        steps = (nfe + 1) // 2
-        return schedule.sample_sigmas(steps, final_zero=True), 2 * steps - 1
-    return schedule.sample_sigmas(nfe, final_zero=True), nfe
 
 
 # --------------------------------------------------------------------------- diffusers reference

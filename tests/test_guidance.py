@@ -26,13 +26,7 @@ F64 = torch.float64
 SAMPLERS = ("ddim", "ddpm", "ge", "dpmpp_2m", "heun", "reverse_sde")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: one thread is much faster on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gen(seed=0):

@@ -16,13 +16,7 @@ import optidiff as od
 from optidiff.models.base import x0_hat
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest and keeps timings stable on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_mlp(seed=0, **kw):

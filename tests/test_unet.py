@@ -11,13 +11,7 @@ import optidiff as od
 from optidiff.models.unet import UNet
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models on shared cores: one thread is faster and keeps timings stable
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -31,7 +31,10 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, optimizer_from_tensors,
                          optimizer_to_tensors, pack, save_checkpoint, set_generator_state, unpack)
 from .models.base import sigma_like
+from .classifiers import NoiseConditionalClassifier
+from .models.conditional import ConditionalMLP
 from .models.mlp import TimeMLP
+from .models.unet import UNet
 from .schedules import LogLinearSchedule, Schedule
 
 __all__ = ["dsm_loss", "train", "TrainResult", "register_model", "model_to_config",
@@ -40,7 +43,9 @@ __all__ = ["dsm_loss", "train", "TrainResult", "register_model", "model_to_confi
 # ----------------------------------------------------------------------------------------------
 # model files: weights (safetensors) + constructor config (JSON)
 
-_MODELS: dict[str, type[nn.Module]] = {"TimeMLP": TimeMLP}
+#: the library's trainable networks; other classes join with :func:`register_model`
+_MODELS: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (TimeMLP, ConditionalMLP, UNet, NoiseConditionalClassifier)}
 
 
 def register_model(cls: type[nn.Module]) -> type[nn.Module]:

@@ -60,7 +60,7 @@ from ..sampling import SAMPLERS, sample
 from ..schedules import LogLinearSchedule, Schedule
 from ..schema import ConfigError, RunName, choice, read_toml, validate
 from ..schema import Section as _Section
-from ..training import TrainResult, register_model, train
+from ..training import TrainResult, train
 
 __all__ = [
     "EnsembleReward",
@@ -84,9 +84,6 @@ __all__ = [
     "run_offline",
     "subopt",
 ]
-
-register_model(ConditionalMLP)  # so that load_model() rebuilds a saved conditional model
-
 
 def _sub_seed(seed: int, stream: str) -> int:
     """Independent 63-bit seeds for each (seed, stream) (same construction as ``training``)."""
@@ -532,6 +529,31 @@ def _default_schedule(schedule: Schedule | None) -> Schedule:
     return LogLinearSchedule(0.01, 20.0, 1000) if schedule is None else schedule
 
 
+def _init_model(model: nn.Module | None, model_kwargs: dict[str, Any] | None, cls: type,
+                x: Tensor, seed: int, **defaults: Any) -> nn.Module:
+    """``model``, or a new ``cls(D, **defaults, sigma_data=std(x), **model_kwargs)`` initialised
+    from ``seed``."""
+    if model is not None:
+        if model_kwargs:
+            raise ValueError("model_kwargs only apply to the default model; got a model as well")
+        return model
+    kw = {**defaults, "sigma_data": max(float(x.float().std()), 1e-3), **(model_kwargs or {})}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_sub_seed(seed, "model-init"))
+        return cls(x[0].numel(), **kw)
+
+
+def _generate_now(out: OfflineResult, target: float | str | None, n_samples: int,
+                  seed: int) -> OfflineResult:
+    """``out`` with ``n_samples`` generated at ``target`` (timed), if a target is given."""
+    if target is not None:
+        t0 = time.perf_counter()
+        out.target = out.resolve_target(target)
+        out.samples = out.generate(out.target, n_samples, seed=seed)
+        out.timings["sample_s"] = time.perf_counter() - t0
+    return out
+
+
 def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
                        y_labeled: Tensor | None = None, *,
                        reward: str | Callable[[Tensor], Tensor] | None = "ridge",
@@ -608,13 +630,7 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
         x_train, y_train = x[idx], y[idx]
     y_mean, y_std = float(y.mean()), float(y.std()) if len(y) > 1 else 1.0
     y_std = y_std if y_std > 0 else 1.0
-    if model is None:
-        kw = {"sigma_data": max(float(x.float().std()), 1e-3), **(model_kwargs or {})}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sub_seed(seed, "model-init"))
-            model = ConditionalMLP(x[0].numel(), **kw)
-    elif model_kwargs:
-        raise ValueError("model_kwargs only apply to the default model; got a model as well")
+    model = _init_model(model, model_kwargs, ConditionalMLP, x, seed)
     sched = _default_schedule(schedule)
     t1 = time.perf_counter()
     res = train(model, x_train.float(), steps=steps, batch_size=batch_size, lr=lr,
@@ -630,12 +646,7 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
                         guidance_scale=float(guidance_scale), guidance_target=guidance_target,
                         guidance_clip=guidance_clip, train=res, weights=weights, prior=prior,
                         timings={"reward_s": t_reward, "train_s": t_train})
-    if target is not None:
-        t2 = time.perf_counter()
-        out.target = out.resolve_target(target)
-        out.samples = out.generate(out.target, n_samples, seed=seed)
-        out.timings["sample_s"] = time.perf_counter() - t2
-    return out
+    return _generate_now(out, target, n_samples, seed)
 
 
 def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
@@ -643,7 +654,8 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
                   reward: str | Callable[[Tensor], Tensor] = "ridge", ensemble: int = 1,
                   reward_kwargs: dict[str, Any] | None = None, guidance_scale: float = 1.0,
                   guidance_target: float | str | None = None,
-                  guidance_clip: float | None = None, model: nn.Module | None = None, model_kwargs: dict[str, Any] | None = None,
+                  guidance_clip: float | None = None, model: nn.Module | None = None,
+                  model_kwargs: dict[str, Any] | None = None,
                   schedule: Schedule | None = None, steps: int = 4000, batch_size: int = 256,
                   lr: float = 1e-3, weight_decay: float = 0.0, ema_decay: float = 0.999,
                   grad_clip: float | None = 1.0, target: float | str | None = None,
@@ -663,14 +675,7 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
     x, y, f = _training_set(data, x_labeled, y_labeled, reward, ensemble, reward_kwargs, True,
                             0.0, seed)
     t_reward = time.perf_counter() - t0
-    if model is None:
-        kw = {"hidden": 256, "sigma_data": max(float(x.float().std()), 1e-3),
-              **(model_kwargs or {})}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_sub_seed(seed, "model-init"))
-            model = TimeMLP(x[0].numel(), **kw)
-    elif model_kwargs:
-        raise ValueError("model_kwargs only apply to the default model; got a model as well")
+    model = _init_model(model, model_kwargs, TimeMLP, x, seed, hidden=256)
     sched = _default_schedule(schedule)
     t1 = time.perf_counter()
     res = train(model, x.float(), steps=steps, batch_size=batch_size, lr=lr,
@@ -685,12 +690,7 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
                         guidance_target=guidance_target, guidance_clip=guidance_clip,
                         train=res, prior=prior,
                         timings={"reward_s": t_reward, "train_s": t_train})
-    if target is not None:
-        t2 = time.perf_counter()
-        out.target = out.resolve_target(target)
-        out.samples = out.generate(out.target, n_samples, seed=seed)
-        out.timings["sample_s"] = time.perf_counter() - t2
-    return out
+    return _generate_now(out, target, n_samples, seed)
 
 
 def gradient_ascent(reward: Callable[[Tensor], Tensor], x_init: Tensor, *, steps: int = 200,
@@ -762,8 +762,8 @@ def linear_subspace_problem(D: int = 64, d: int = 16, n_unlabeled: int = 65_536,
                             n_labeled: int = 8_192, noise: float = 0.5, off_angle: float = 0.0,
                             seed: int = 0, label_seed: int | None = None
                             ) -> LinearSubspaceProblem:
-    """Build a :class:`LinearSubspaceProblem`. The basis, θ and the unlabeled pool depend on ``seed``
-    only; the labeled points and their noise on ``label_seed`` (default ``seed``), so label
+    """Build a :class:`LinearSubspaceProblem`. The basis, θ and the unlabeled pool depend on
+    ``seed`` only; the labeled points and their noise on ``label_seed`` (default ``seed``), so label
     budgets can be compared on the same pool. float32 data, float64 basis."""
     if not 1 <= d <= D:
         raise ValueError(f"need 1 <= d <= D, got d={d}, D={D}")
@@ -867,7 +867,8 @@ class ModelSection(_Section):
 
 
 class ScheduleSection(_Section):
-    """``[schedule]``: ``loglinear`` (σ_min … σ_max, n levels) or ``ddom`` (:func:`ddom_schedule`)."""
+    """``[schedule]``: ``loglinear`` (σ_min … σ_max, n levels) or ``ddom``
+    (:func:`ddom_schedule`)."""
 
     kind: Literal["loglinear", "ddom"] = "loglinear"
     sigma_min: float = Field(0.01, gt=0, allow_inf_nan=False)

@@ -265,8 +265,6 @@ class DigitClassifier(nn.Module):
         return self.out(self.features(x))
 
 
-register_model(UNet)  # load_model() rebuilds the cached diffusion models
-register_model(NoiseConditionalClassifier)
 
 
 def train_digit_classifier(clf: nn.Module, data: Tensor, labels: Tensor, *, steps: int = 1500,
