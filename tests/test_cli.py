@@ -381,6 +381,20 @@ def test_readme_optimization_example_runs(tmp_path, capsys):
     assert float(capsys.readouterr().out.strip().splitlines()[-1]) > 0
 
 
+def test_readme_diffusers_example_runs(tmp_path):
+    """The README's diffusers example: both the wrapped model and the pipeline produce images."""
+    pytest.importorskip("diffusers")
+    import runpy
+
+    code = _readme_blocks("python")[2]
+    assert "from_diffusers" in code and "GradientEstimationScheduler" in code
+    script = tmp_path / "readme_diffusers.py"
+    script.write_text("import torch, optidiff as od\n" + code)
+    out = runpy.run_path(str(script), run_name="__main__")
+    assert out["x"].shape == (4, 1, 8, 8) and torch.isfinite(out["x"]).all()
+    assert out["images"].shape == (4, 8, 8, 1)
+
+
 def test_readme_config_is_valid():
     import tomllib
 
