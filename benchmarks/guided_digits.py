@@ -7,7 +7,7 @@ targets are ``i mod 10`` (every class equally often), all runs from one shared i
 - ``Classifier``: classifier guidance ``G = s·∇ₓ log c(y | x, σ)`` with the cached
   noise-conditional classifier (an MLP trained on noisy digits), for several scales s.
 - ``LookAhead``: seed 000's Algorithm 1 with look-ahead guidance G_loss on the log-probability of
-  the same noise-conditional classifier at σ = 0.01 (``steer_lookahead``): per-sample
+  the same noise-conditional classifier at σ_f = 2 (``steer_lookahead``): per-sample
   linearisation, increment δ nats per round, ``rounds`` rounds, each from the same initial noise;
   every (δ, round) is a point.
 
