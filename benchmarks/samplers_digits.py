@@ -333,7 +333,8 @@ def markdown(results: dict, nfes) -> str:
                    f"{inc['n_samples']} training images: **{inc['floor']:.2f}**; "
                    f"{inc['seconds'] / 60:.0f} min):"), "",
                    markdown_table(inc["rows"], ["sampler", "NFE", "inception_fid"]), ""]
-        md += [f"Sampling and scoring time for {ds}: {res['sampling_seconds'] / 60:.0f} min.", ""]
+        minutes = res["sampling_seconds"] / 60
+        md += [f"Sampling and scoring time for {ds}: {minutes:.0f} min (sum over the cells).", ""]
     md.append(f"![FD vs NFE](benchmarks/results/{NAME}.png)")
     return "\n".join(md)
 
@@ -344,9 +345,11 @@ def merge(old: dict | None, new: dict) -> dict:
     if old is None:
         return new
     out = {**old, **new}
+    order = list(schedules())
     for key in ("rows", "agreement", "spread"):
         ran = {r["schedule"] for r in new.get(key, [])}
-        out[key] = [r for r in old.get(key, []) if r["schedule"] not in ran] + new.get(key, [])
+        rows = [r for r in old.get(key, []) if r["schedule"] not in ran] + new.get(key, [])
+        out[key] = sorted(rows, key=lambda r: order.index(r["schedule"]))  # stable: keeps samplers
     out["sampling_seconds"] = sum(r["seconds"] for r in out["rows"])
     return out
 
@@ -394,8 +397,9 @@ def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
     if plot_path is not None:
         plot(results, plot_path)
     md = markdown(results, all_nfes)
-    md += (f"\n\nLast invocation ({'seed spread only' if spread_only else 'full'}, "
-           f"{', '.join(datasets)}): {elapsed / 60:.0f} min with {threads} torch thread(s).")
+    if datasets:
+        md += (f"\n\nLast invocation ({'seed spread only' if spread_only else 'full'}, "
+               f"{', '.join(datasets)}): {elapsed / 60:.0f} min with {threads} torch thread(s).")
     print(f"total time {elapsed:.0f} s", file=sys.stderr)
     return {"config": {"quick": quick, "datasets_run": list(datasets), "threads": threads,
                        "sigma_range_loglinear": list(SIGMA_RANGE), "final_zero": True,
@@ -428,8 +432,11 @@ def main(argv=None) -> dict:
     p.add_argument("--model-steps", type=int, default=None,
                    help="training steps of the cached models (default: the task's recipe, or 200 "
                         "with --quick; another value is another cache entry)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the tables and the plot from the existing results")
     args = p.parse_args(argv)
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    datasets = [] if args.report_only else [d.strip() for d in args.datasets.split(",")
+                                            if d.strip()]
     per = {}
     if args.samples is not None:
         per["n_samples"] = {d: args.samples for d in datasets}
