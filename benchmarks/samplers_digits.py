@@ -345,11 +345,9 @@ def merge(old: dict | None, new: dict) -> dict:
     if old is None:
         return new
     out = {**old, **new}
-    order = list(schedules())
     for key in ("rows", "agreement", "spread"):
         ran = {r["schedule"] for r in new.get(key, [])}
-        rows = [r for r in old.get(key, []) if r["schedule"] not in ran] + new.get(key, [])
-        out[key] = sorted(rows, key=lambda r: order.index(r["schedule"]))  # stable: keeps samplers
+        out[key] = [r for r in old.get(key, []) if r["schedule"] not in ran] + new.get(key, [])
     out["sampling_seconds"] = sum(r["seconds"] for r in out["rows"])
     return out
 
@@ -392,6 +390,10 @@ def run(datasets=("digits8",), quick: bool = False, threads: int | None = 2,
     results = previous()
     for ds, res in new.items():
         results[ds] = merge(results.get(ds), res)
+    order = list(schedules())
+    for res in results.values():  # grids in a fixed order (a stable sort keeps the samplers')
+        for key in ("rows", "agreement", "spread"):
+            res[key] = sorted(res.get(key, []), key=lambda r: order.index(r["schedule"]))
     elapsed = time.perf_counter() - t0
     all_nfes = sorted({r["nfe_target"] for res in results.values() for r in res["rows"]})
     if plot_path is not None:
