@@ -381,6 +381,19 @@ def _clock() -> Iterator[dict[str, Any]]:
     info["train_cpu_s"] = time.process_time() - cpu
 
 
+def _fit(dataset: str, seed: int, make: Callable[[], nn.Module],
+         fit: Callable[[nn.Module, Tensor, Tensor], list[float]]) -> tuple[nn.Module, dict]:
+    """A classifier ``make()`` initialised from ``seed`` and trained by ``fit(clf, x, y)`` (which
+    returns the losses) on ``dataset``'s train split; info: the training clock and the final loss
+    (mean of the last 50)."""
+    x, y = load(dataset, "train")
+    with _seeded(seed):
+        clf = make()
+    with _clock() as clock:
+        losses = fit(clf, x, y)
+    return clf, {**clock, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+
+
 def _merge(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     unknown = set(overrides) - set(defaults)
     if unknown:
@@ -435,16 +448,12 @@ def pretrained_classifier(dataset: str = "digits8", *, cache_dir: str | os.PathL
     recipe = {"dataset": dataset, "split_seed": 0, "config": cfg, "train": hp, "seed": seed}
 
     def build() -> tuple[nn.Module, dict[str, Any]]:
-        x, y = load(dataset, "train")
-        with _seeded(seed):
-            clf = DigitClassifier(**cfg)
-        with _clock() as clock:
-            losses = train_digit_classifier(clf, x, y, generator=torch.Generator().manual_seed(
-                seed), **hp)
+        g = torch.Generator().manual_seed(seed)
+        clf, info = _fit(dataset, seed, lambda: DigitClassifier(**cfg),
+                         lambda c, x, y: train_digit_classifier(c, x, y, generator=g, **hp))
         xh, yh = load(dataset, "heldout")
         acc = (predict(clf, xh).argmax(1) == yh).float().mean().item()
-        return clf, {**clock, "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-                     "heldout_accuracy": acc}
+        return clf, {**info, "heldout_accuracy": acc}
 
     return _cached(f"{dataset}-classifier", recipe, cache_dir, retrain, build)
 
@@ -465,12 +474,9 @@ def pretrained_noise_classifier(dataset: str = "digits8", *,
     recipe = {"dataset": dataset, "split_seed": 0, "config": cfg, "train": hp, "seed": seed}
 
     def build() -> tuple[nn.Module, dict[str, Any]]:
-        x, y = load(dataset, "train")
-        with _seeded(seed):
-            clf = NoiseConditionalClassifier(**cfg)
         g = torch.Generator().manual_seed(seed)
-        with _clock() as clock:
-            losses = train_classifier(clf, x, y, generator=g, **hp)
+        clf, info = _fit(dataset, seed, lambda: NoiseConditionalClassifier(**cfg),
+                         lambda c, x, y: train_classifier(c, x, y, generator=g, **hp))
         xh, yh = load(dataset, "heldout")
         acc = {}
         with torch.no_grad():
@@ -478,7 +484,7 @@ def pretrained_noise_classifier(dataset: str = "digits8", *,
                 noisy = xh + s * torch.randn(xh.shape, generator=g)
                 acc[f"heldout_accuracy_sigma_{s:g}"] = (
                     clf(noisy, torch.tensor(s)).argmax(1) == yh).float().mean().item()
-        return clf, {**clock, "final_loss": sum(losses[-50:]) / len(losses[-50:]), **acc}
+        return clf, {**info, **acc}
 
     return _cached(f"{dataset}-noise-classifier", recipe, cache_dir, retrain, build)
 
