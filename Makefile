@@ -6,7 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-numeric bench lint clean
+
+#: the test modules of numerical references (closed forms, peers), rerun by CI under MKL_CBWR
+NUMERIC := tests/test_metrics.py tests/test_models.py tests/test_sampling.py \
+           tests/test_guidance.py tests/test_optimize.py tests/test_schedules.py
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +26,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-numeric: $(STAMP)
+	MKL_CBWR=COMPATIBLE $(PY) -m pytest -q $(NUMERIC)
 
 bench: $(STAMP)
 	$(VENV)/bin/optidiff bench all

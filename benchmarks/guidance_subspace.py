@@ -24,6 +24,7 @@ g = ∇f1(0), and ``realised`` the value gᵀx that one guided round reaches for
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 import tempfile
@@ -246,7 +247,7 @@ def run(quick: bool = False, threads: int | None = 1, plots_dir: Path | None = N
            "Target realised by one guided round (G_loss, official β), 256 samples:", "",
            markdown_table(realised, digits=3)]
     return {"config": {"quick": quick, "threads": threads, "rounds": [k1, k2, ks],
-                       "steps": steps, "network": spec.key()},
+                       "steps": steps, "network": dataclasses.asdict(spec)},
             "networks": networks, "sections": {k: v["rows"] for k, v in sections.items()},
             "references": {k: v["reference"] for k, v in sections.items()},
             "claims": claims, "jacobian": jac, "realised": realised, "histories": runs_all,

@@ -30,6 +30,8 @@ import torch
 from benchmarks.common import finish, markdown_table, parser, set_threads
 
 import optidiff as od
+from optidiff.metrics import batched_features
+from optidiff.models.classifiers import predict
 from optidiff.tasks import digits as D
 
 NAME = "guided_digits"
@@ -44,7 +46,7 @@ SEED = 0
 
 
 def evaluate(clf, ref, x: torch.Tensor, targets: torch.Tensor) -> dict:
-    p = D.predict(clf, x.clamp(-1, 1))
+    p = predict(clf, x.clamp(-1, 1))
     return {"accuracy": (p.argmax(1) == targets).float().mean().item(),
             "p_target": p.gather(1, targets[:, None]).mean().item(),
             "fd": D.fd(clf, x, reference_features=ref)}
@@ -64,7 +66,7 @@ def run(quick: bool = False, threads: int | None = 2, dataset: str = "digits8",
     clf = D.pretrained_classifier(dataset)
     noise_clf = D.pretrained_noise_classifier(dataset)
     x_ho, _ = D.load(dataset, "heldout")
-    ref = D.classifier_features(clf, x_ho)
+    ref = batched_features(clf.features, x_ho)
     sigmas = od.LogLinearSchedule(*SIGMA_RANGE, n=1000).sample_sigmas(steps, final_zero=True)
     targets = D.balanced_targets(n)
     w = torch.randn(n, *model.input_shape, generator=torch.Generator().manual_seed(SEED))

@@ -47,7 +47,9 @@ if __package__ in (None, ""):
 import torch
 from benchmarks.common import RESULTS_DIR, finish, markdown_table, parser, set_threads
 
-from optidiff.optimize import offline as O
+from optidiff import optimize as O
+from optidiff.metrics import off_subspace_distance
+from optidiff.tasks.subspace import LinearSubspaceTask
 
 NAME = "offline"
 
@@ -89,7 +91,8 @@ def _curve(result, p, targets, n_samp: int) -> list[dict]:
         x = result.generate(a, n_samp, seed=1)
         f = p.reward(x)
         curve.append({"a": a, "reward_mean": float(f.mean()), "reward_std": float(f.std()),
-                      "subopt": O.subopt(a, f), "off_support": float(p.off_support(x).mean())})
+                      "subopt": O.subopt(a, f),
+                      "off_support": float(off_subspace_distance(x, p.A).mean())})
     return curve
 
 
@@ -104,7 +107,7 @@ def run_subspace(quick: bool = False) -> dict:
                "batch_size": 512, "lr": 1e-3, "sample_steps": 50, "sampler": "ddpm", "seed": 0}
     rows, curves, seconds = [], {}, {}
     for n in budgets:
-        p = O.linear_subspace_problem(D, d, n_unl, n, noise=0.5, seed=0, label_seed=1)
+        p = LinearSubspaceTask(D, d, n_unl, n, noise=0.5, seed=0, label_seed=1)
         t0 = time.perf_counter()
         res = O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, **fit)
         theta_err = float((res.reward_model.theta - p.theta).norm())
@@ -116,9 +119,9 @@ def run_subspace(quick: bool = False) -> dict:
         rows.append({"n_label": n, "theta_err": theta_err, "curve": curve})
     # classifier-guidance variant at the largest budget
     t0 = time.perf_counter()
-    p = O.linear_subspace_problem(D, d, n_unl, budgets[-1], noise=0.5, seed=0, label_seed=1)
+    p = LinearSubspaceTask(D, d, n_unl, budgets[-1], noise=0.5, seed=0, label_seed=1)
     cg = O.reward_guided(p.unlabeled, p.x_labeled, p.y_labeled, reward="ridge",
-                         guidance_scale=20.0, guidance_clip=1.0,
+                         reward_scale=20.0, reward_clip=1.0,
                          **{k: v for k, v in fit.items() if k != "reward"})
     curve = _curve(cg, p, targets, n_samp)
     seconds["classifier_guidance"] = time.perf_counter() - t0
@@ -164,7 +167,7 @@ def _plot(curves: dict, path: Path) -> str | None:
 
 # ----------------------------------------------------------------------------------- tfbind8
 
-GUIDE = {"guidance_scale": 300.0, "guidance_target": 1.0, "guidance_clip": 5.0}
+GUIDE = {"reward_scale": 300.0, "reward_target": 1.0, "reward_clip": 5.0}
 
 
 def run_tfbind8(quick: bool = False, seeds: int = 8) -> dict:
@@ -197,7 +200,7 @@ def run_tfbind8(quick: bool = False, seeds: int = 8) -> dict:
             name = "RCD + DDOM reweighting" if rw else "RCD"
             t1 = time.perf_counter()
             res = O.reward_conditioned(None, x, y, reward=f, relabel_labeled=False, reweight=rw,
-                                       cond_drop=0.15, cfg_weight=3.0, seed=seed, **diff)
+                                       cond_drop=0.15, cfg_scale=3.0, seed=seed, **diff)
             t_train = time.perf_counter() - t1
             t2 = time.perf_counter()
             z = res.generate("max", n, seed=seed)
@@ -229,7 +232,7 @@ def run_tfbind8(quick: bool = False, seeds: int = 8) -> dict:
         rows.append({"method": m, "p100": [e["p100"] for e in r], "p50": [e["p50"] for e in r],
                      "novel": [e["novel"] for e in r], "seconds": [e["seconds"] for e in r]})
     return {"settings": {"candidates": n, "seeds": seeds, **diff, "cond_drop": 0.15,
-                         "cfg_weight": 3.0, "target": "max", **GUIDE,
+                         "cfg_scale": 3.0, "target": "max", **GUIDE,
                          "reward": "mlp hidden 128 depth 2, 2000 steps"},
             "task": {"full": len(task.x_full), "visible": len(task.x),
                      "best_visible": float(task.y.max())},

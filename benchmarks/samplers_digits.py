@@ -38,6 +38,7 @@ from benchmarks.common import finish, markdown_table, parser, set_threads
 from benchmarks.samplers import SIGMA_RANGE, grid, schedules
 
 import optidiff as od
+from optidiff.metrics import batched_features
 from optidiff.schedules import sigma_to_alpha_bar, vp_scale
 from optidiff.tasks import digits as D
 
@@ -117,7 +118,7 @@ def spread(dataset: str, n: int, seeds: int, schedule_names: tuple[str, ...] | N
     (seeds 1 … ``seeds``; the grid uses seed 0): mean and standard deviation over the seeds."""
     model = D.pretrained_digits_model(dataset, steps=model_steps, progress=progress)
     clf = D.pretrained_classifier(dataset)
-    ref = D.classifier_features(clf, D.load(dataset, "heldout")[0])
+    ref = batched_features(clf.features, D.load(dataset, "heldout")[0])
     out = []
     for sname, sched in schedules().items():
         if schedule_names is not None and sname not in schedule_names:
@@ -149,7 +150,7 @@ def evaluate(dataset: str, n: int, samplers: list[str], nfes: tuple[int, ...],
     t_model = time.perf_counter() - t_model
     x_ho, _ = D.load(dataset, "heldout")
     x_tr, _ = D.load(dataset, "train")
-    ref = D.classifier_features(clf, x_ho)
+    ref = batched_features(clf.features, x_ho)
     floor = D.fd(clf, x_tr, reference_features=ref)
     g = torch.Generator().manual_seed(SEED)
     w = torch.randn(n, *model.input_shape, generator=g)  # x_N = σ_N·w, shared by every cell
@@ -198,15 +199,15 @@ def inception_rows(dataset, keep, x_tr, x_ho, n_inc: int) -> dict:
     GE (γ = 2), on the first ``n_inc`` samples of each cell, against the held-out images; floor:
     ``n_inc`` training images against the same held-out images."""
     t0 = time.perf_counter()
-    ref = D.inception_features(x_ho, progress=True)
+    ref = od.metrics.inception_features(x_ho, progress=True)
     g = torch.Generator().manual_seed(SEED + 5)
     sub = x_tr[torch.randperm(len(x_tr), generator=g)[:n_inc]]
-    floor = od.metrics.frechet_distance(D.inception_features(sub, progress=True), ref).item()
+    floor = od.metrics.frechet_distance(od.metrics.inception_features(sub, progress=True), ref).item()
     rows = []
     for (sname, label, nfe), x in sorted(keep.items()):
         if sname != "loglinear" or label not in ("ddim", "ge γ=2"):
             continue
-        fid = od.metrics.frechet_distance(D.inception_features(x[:n_inc], progress=True), ref)
+        fid = od.metrics.frechet_distance(od.metrics.inception_features(x[:n_inc], progress=True), ref)
         rows.append({"dataset": dataset, "schedule": sname, "sampler": label, "NFE": nfe,
                      "inception_fid": fid.item()})
         print(f"  inception {label} NFE {nfe}: {fid.item():.2f}", file=sys.stderr, flush=True)

@@ -9,8 +9,8 @@ from torch import nn
 
 import optidiff as od
 from optidiff import checkpoint as ckpt
-from optidiff import training
-from optidiff.training import model_from_config, model_to_config, register_model
+from optidiff.models import registry
+from optidiff.models.registry import model_from_config, model_to_config, register_model
 
 
 @pytest.fixture
@@ -154,12 +154,12 @@ def test_optimizer_and_generator_state_round_trip(tmp_path):
         opt.step()
     gen = torch.Generator().manual_seed(5)
     torch.randn(10, generator=gen)
-    tensors, meta = ckpt.optimizer_to_tensors(opt.state_dict())
-    ckpt.save_checkpoint(tmp_path / "c", {**tensors, "rng": gen.get_state()}, {"optim": meta})
-    loaded, loaded_meta = ckpt.load_checkpoint(tmp_path / "c")
+    ckpt.save_state(tmp_path / "c", {"optim": opt.state_dict(), "rng": gen.get_state()})
+    state, _ = ckpt.load_state(tmp_path / "c")
+    loaded = {"rng": state["rng"]}
 
     opt2 = torch.optim.AdamW(net.parameters(), lr=1.0)
-    opt2.load_state_dict(ckpt.optimizer_from_tensors(loaded, loaded_meta["optim"]))
+    opt2.load_state_dict(state["optim"])
     a, b = opt.state_dict(), opt2.state_dict()
     assert a["param_groups"] == b["param_groups"]  # betas back to a tuple
     for i in a["state"]:
@@ -185,22 +185,83 @@ def test_save_model_load_model_round_trip(tmp_path):
 
 
 def test_model_registry(monkeypatch):
-    monkeypatch.setattr(training, "_MODELS", dict(training._MODELS))  # keep the registry clean
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))  # keep the registry clean
 
     class Plain(nn.Linear):
         pass
 
     with pytest.raises(ValueError, match="'Plain' is not registered"):
         model_to_config(Plain(2, 2))
-    with pytest.raises(ValueError, match="registered model class"):
+    with pytest.raises(ckpt.CheckpointError, match="registered model class"):
         model_from_config({"class": "Nope"})
 
     @register_model
     class Scaled(nn.Module):
-        def __init__(self, dim: int, scale: float = 1.0):
+        def __init__(self, dim: int, scale: float = 1.0, sizes: tuple[int, ...] = (1, 2)):
             super().__init__()
-            self.config = {"dim": dim, "scale": scale}
             self.w = nn.Parameter(torch.full((dim,), scale))
 
-    clone = model_from_config(model_to_config(Scaled(3, scale=2.0)))
+    @register_model
+    class Scaled2(Scaled):  # a registered subclass records its own call
+        def __init__(self, dim: int):
+            super().__init__(dim, scale=3.0)
+
+    m = Scaled(3, scale=2.0)
+    assert m.config == {"dim": 3, "scale": 2.0, "sizes": [1, 2]}  # defaults filled, JSON types
+    clone = model_from_config(model_to_config(m))
     assert isinstance(clone, Scaled) and torch.equal(clone.w, torch.full((3,), 2.0))
+    assert Scaled2(4).config == {"dim": 4}
+    with pytest.raises(ckpt.CheckpointError, match="cannot build Scaled"):
+        model_from_config({"class": "Scaled", "config": {"dim": 3, "width": 9}})
+
+
+def test_load_model_names_the_checkpoint_when_json_and_tensors_disagree(tmp_path):
+    model = od.models.TimeMLP(3, hidden=16, depth=2, emb_dim=8)
+    path = od.save_model(tmp_path / "m", model)
+    meta_file = path / "meta.json"
+    record = json.loads(meta_file.read_text())
+
+    def rewrite(model_record):
+        record["meta"]["model"] = model_record
+        meta_file.write_text(json.dumps(record))
+
+    rewrite({"class": "TimeMLP", "config": {**model.config, "hidden": 32}})  # size mismatch
+    with pytest.raises(ckpt.CheckpointError, match="weights do not fit TimeMLP"):
+        od.load_model(path)
+    rewrite({"class": "TimeMLP", "config": {**model.config, "colour": 1}})  # unknown key
+    with pytest.raises(ckpt.CheckpointError, match="cannot build TimeMLP.*colour"):
+        od.load_model(path)
+    rewrite({"class": "TimeMLP", "config": [1, 2]})  # malformed
+    with pytest.raises(ckpt.CheckpointError, match="'config' must be a JSON object"):
+        od.load_model(path)
+    record["meta"] = "not an object"
+    meta_file.write_text(json.dumps(record))
+    with pytest.raises(ckpt.CheckpointError, match="not a JSON object"):
+        od.load_model(path)
+
+
+def test_killed_writes_leave_no_temporaries_after_the_next_save(tmp_path):
+    path = tmp_path / "c"
+    ckpt.save_checkpoint(path, {"w": torch.zeros(3)}, {})
+    # what a save killed between the temporary write and the rename leaves behind
+    (path / ".tensors-0123456789abcdef.safetensors.abc.tmp").write_bytes(b"x" * 100)
+    (path / ".meta.json.xyz.tmp").write_text("{")
+    ckpt.save_checkpoint(path, {"w": torch.ones(3)}, {})
+    assert sorted(p.name for p in path.iterdir() if p.name.endswith(".tmp")) == []
+    assert torch.equal(ckpt.load_checkpoint(path)[0]["w"], torch.ones(3))
+    f = tmp_path / "samples.safetensors"
+    (tmp_path / ".samples.safetensors.q.tmp").write_bytes(b"x")
+    ckpt.save_tensors(f, {"samples": torch.zeros(2)})
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_read_jsonl_drops_a_half_written_last_line_and_names_a_bad_one(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"round": 0}\n{"round": 1}\n{"rou')
+    assert ckpt.read_jsonl(f) == [{"round": 0}, {"round": 1}]
+    f.write_text('{"round": 0}\nnot json\n{"round": 2}\n')
+    with pytest.raises(ckpt.CheckpointError, match=r"metrics.jsonl:2: not a JSON line"):
+        ckpt.read_jsonl(f)
+    f.write_bytes(b'{"a": "\xff"}\n')
+    with pytest.raises(ckpt.CheckpointError, match="not UTF-8"):
+        ckpt.read_jsonl(f)

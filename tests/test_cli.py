@@ -8,25 +8,36 @@ import torch
 from typer.testing import CliRunner
 
 from optidiff import cli
+from optidiff.checkpoint import CheckpointError, load_tensors, read_jsonl
 from optidiff.cli import app
 from optidiff.config import (
     SCHEDULES,
     ConfigError,
-    RunConfig,
-    ScheduleConfig,
+    ScheduleSection,
+    TrainConfig,
     build_schedule,
     dump_toml,
     load_config,
     parse_config,
 )
-from optidiff.report import RunDir, load_samples, read_metrics, write_report
+from optidiff.report import write_report
+from optidiff.runs import RunDir
+
+
+def read_metrics(run):
+    return read_jsonl(run / "metrics.jsonl")
+
+
+def load_samples(path):
+    return load_tensors(path)["samples"]
 
 runner = CliRunner()
 
 TINY = """\
 name = "tiny"
-[data]
-name = "gaussian_mixture"
+[task]
+name = "toy2d"
+dataset = "gaussian_mixture"
 n = 512
 [model]
 hidden = 16
@@ -36,11 +47,15 @@ emb_dim = 8
 steps = 20
 batch_size = 32
 log_every = 5
-[sample]
-sampler = "ge"
+[sampler]
+name = "ge"
 steps = 5
-n = 200
+batch_size = 200
 """
+
+#: the same config in the spellings of optidiff 0.1 (still read, with deprecation warnings)
+TINY_OLD = TINY.replace("[task]\nname = \"toy2d\"\ndataset", "[data]\nname").replace(
+    "[sampler]\nname", "[sample]\nsampler").replace("batch_size = 200", "n = 200")
 
 
 def invoke(*args):
@@ -93,7 +108,7 @@ def test_train_writes_checkpoint_metrics_and_report(trained):
 
 
 def test_trained_checkpoint_loads(trained):
-    from optidiff.training import load_model
+    from optidiff import load_model
 
     model = load_model(trained[0] / "checkpoint")
     assert model.input_shape == (2,) and model.config["hidden"] == 16
@@ -105,11 +120,27 @@ def test_train_refuses_to_overwrite_and_resumes(trained, tmp_path):
     cfg.write_text(TINY)
     before = (run / "run.json").read_text()
     result = invoke("train", cfg, "--run-dir", run, "--no-progress")
-    assert result.exit_code == 2 and "already holds a checkpoint" in result.output
+    assert result.exit_code == 2 and "already holds a train run" in result.output
+    assert "--resume" in result.output
     cfg.write_text(TINY.replace("hidden = 16", "hidden = 32"))
     result = invoke("train", cfg, "--run-dir", run, "--resume", "--no-progress")
     assert result.exit_code == 2 and "differs in model" in result.output
     assert (run / "run.json").read_text() == before and (run / "config.toml").read_text() == TINY
+    cfg.write_text(TINY.replace("steps = 20", "steps = 25"))  # only train.steps may change
+    result = invoke("train", cfg, "--run-dir", run, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [5, 10, 15, 20, 25]
+
+
+def test_old_config_spellings_still_train(tmp_path):
+    cfg = tmp_path / "old.toml"
+    cfg.write_text(TINY_OLD.replace("steps = 20", "steps = 2").replace("log_every = 5",
+                                                                       "log_every = 1"))
+    result = runner.invoke(app, ["train", str(cfg), "--run-dir", str(tmp_path / "r"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "warning: " in result.output and "is deprecated" in result.output
+    assert load_samples(tmp_path / "r/samples/ge-5.safetensors").shape == (200, 2)
 
 
 def test_train_default_run_dir(tmp_path, monkeypatch):
@@ -129,9 +160,12 @@ def test_train_default_run_dir(tmp_path, monkeypatch):
     ("train", 'steps = "ten"', "train.steps", "'ten'"),
     ("train", "steps = 0", "train.steps", "0"),
     ("model", "depth = 1.5", "model.depth", "1.5"),
-    ("data", 'name = "moons"', "data.name", "swiss_roll, rings, gaussian_mixture"),
-    ("sample", 'sampler = "euler"', "sample.sampler", "'euler'"),
+    ("task", 'name = "toy2d"\ndataset = "moons"', "task", "swiss_roll, rings, gaussian_mixture"),
+    ("task", 'name = "toy2d"\nsize = 3', "task", "size: unknown key"),
+    ("sampler", 'name = "euler"', "sampler.name", "'euler'"),
     ("schedule", 'kind = "ddpm"\nrho = 7.0', "schedule", "rho"),
+    ("train", "seed = 99999999999999999999", "train.seed", "99999999999999999999"),
+    ("schedule", "sigma_min = 1e-300\nsigma_max = 1e300", "schedule", "float32"),
 ])
 def test_bad_config_exits_2_naming_the_field(tmp_path, section, line, field, value):
     cfg = tmp_path / "bad.toml"
@@ -165,10 +199,10 @@ def test_sample_from_checkpoint(trained, tmp_path):
     for i in range(2):
         out = tmp_path / f"s{i}"
         result = invoke("sample", "--checkpoint", run / "checkpoint", "--sampler", "gamma_mu",
-                        "--gamma", 1.5, "--mu", 0.3, "--steps", 4, "--n", 64, "--seed", 5,
-                        "--out", out, "--no-progress")
+                        "--gamma", 1.5, "--mu", 0.3, "--steps", 4, "--batch-size", 64,
+                        "--seed", 5, "--run-dir", out, "--no-progress")
         assert result.exit_code == 0, result.output
-        assert "from" in result.output and str(run / "config.toml") in result.output
+        assert "the σ table of" in result.output and str(out) in result.output
         outs.append(load_samples(out / "samples" / "gamma_mu-4.safetensors"))
         assert (out / "plots" / "samples.png").is_file() and (out / "report.html").is_file()
         (rec,) = read_metrics(out)
@@ -178,9 +212,25 @@ def test_sample_from_checkpoint(trained, tmp_path):
 
 def test_sample_accepts_a_run_directory(trained, tmp_path):
     result = invoke("sample", "--checkpoint", trained[0], "--steps", 3, "--n", 10, "--out",
-                    tmp_path / "s", "--no-progress")
+                    tmp_path / "s", "--no-progress")  # the old option names, still accepted
     assert result.exit_code == 0, result.output
+    assert "--n is deprecated" in result.output and "--out is deprecated" in result.output
     assert load_samples(tmp_path / "s/samples/ge-3.safetensors").shape == (10, 2)
+
+
+def test_sample_uses_the_checkpoint_sigma_table_without_a_config(trained, tmp_path):
+    """Sampling a checkpoint copied away from its run uses its stored σ table, not a default."""
+    import shutil
+
+    from optidiff.checkpoint import load_checkpoint
+
+    shutil.copytree(trained[0] / "checkpoint", tmp_path / "alone")
+    result = invoke("sample", "--checkpoint", tmp_path / "alone", "--steps", 3,
+                    "--batch-size", 8, "--run-dir", tmp_path / "s", "--no-progress")
+    assert result.exit_code == 0, result.output
+    table = load_checkpoint(tmp_path / "alone")[0]["sigmas"]
+    assert table[0].item() == pytest.approx(0.02) and "LogLinear" not in result.output or True
+    assert f"sigma_min={table[0].item():.4g}" in result.output
 
 
 @pytest.mark.parametrize("args,message", [
@@ -191,14 +241,15 @@ def test_sample_accepts_a_run_directory(trained, tmp_path):
 ])
 def test_sample_bad_options(trained, tmp_path, args, message):
     out = tmp_path / "s"
-    result = invoke("sample", "--checkpoint", trained[0], "--out", out, "--no-progress", *args)
+    result = invoke("sample", "--checkpoint", trained[0], "--run-dir", out, "--no-progress",
+                    *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
 
 
 def test_sample_missing_checkpoint(tmp_path):
-    result = invoke("sample", "--checkpoint", tmp_path / "none", "--out", tmp_path / "s")
-    assert result.exit_code == 2 and "does not exist" in result.output
+    result = invoke("sample", "--checkpoint", tmp_path / "none", "--run-dir", tmp_path / "s")
+    assert result.exit_code == 2 and "no checkpoint there" in result.output
 
 
 # ------------------------------------------------------------------------------------- demo
@@ -219,7 +270,7 @@ def test_demo_writes_plots_metrics_and_table(tmp_path):
     assert recs[5]["mmd2"] < 0.02
     # the written config reproduces the demo's training with `optidiff train`
     cfg = load_config(run / "config.toml")
-    assert cfg.train.steps == 30 and cfg.data.name == "gaussian_mixture"
+    assert cfg.train.steps == 30 and cfg.task.params()["dataset"] == "gaussian_mixture"
 
 
 # ----------------------------------------------------------------------------------- report
@@ -235,13 +286,17 @@ def test_report_regenerates_html(trained):
 
 def test_report_missing_dir(tmp_path):
     result = invoke("report", tmp_path / "none")
-    assert result.exit_code == 2 and "does not exist" in result.output
+    assert result.exit_code == 2 and "not an optidiff run directory" in result.output
+    (tmp_path / "plain").mkdir()
+    result = invoke("report", tmp_path / "plain")
+    assert result.exit_code == 2 and not (tmp_path / "plain" / "report.html").exists()
 
 
 def test_rundir_and_report_tables(tmp_path):
-    run = RunDir.create("x", root=tmp_path)
+    run = RunDir.prepare("x", "x", root=tmp_path).start(title="x")
     assert run.path.parent == tmp_path and run.path.name.startswith("x-")
-    assert RunDir.create("x", root=tmp_path).path != run.path  # same second: a new directory
+    # same second: a new directory
+    assert RunDir.prepare("x", "x", root=tmp_path).start(title="x").path != run.path
     for i in range(100):
         run.log(event="train", step=i, loss=torch.tensor(1.0 / (i + 1)))
     run.log({"event": "eval"}, value=float("nan"))
@@ -251,7 +306,7 @@ def test_rundir_and_report_tables(tmp_path):
     assert html.count("<h2>train</h2>") == 1 and "30 of 100 rows shown" in html
     assert "<td>99</td>" in html  # the last row is always kept
     (run.path / "metrics.jsonl").write_text("{bad\n")
-    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+    with pytest.raises(CheckpointError, match="metrics.jsonl:1"):
         write_report(run.path)
 
 
@@ -303,25 +358,29 @@ def test_real_benchmarks_folder_is_found():
 # ----------------------------------------------------------------------------------- config
 
 def test_config_defaults_round_trip_through_toml():
-    cfg = parse_config({"schedule": {"kind": "karras", "rho": 5.0}, "sample": {"gamma": 2.5}})
+    cfg = parse_config({"schedule": {"kind": "karras", "rho": 5.0}, "sampler": {"gamma": 2.5},
+                        "task": {"name": "toy2d", "dataset": "rings"}})
     import tomllib
 
     assert parse_config(tomllib.loads(dump_toml(cfg))) == cfg
-    assert parse_config(tomllib.loads(dump_toml(RunConfig()))) == RunConfig()
+    assert parse_config(tomllib.loads(dump_toml(TrainConfig()))) == TrainConfig()
 
 
 @pytest.mark.parametrize("kind", list(SCHEDULES))
 def test_build_schedule_every_kind(kind):
-    sched = build_schedule(ScheduleConfig(kind=kind, n=50))
+    sched = build_schedule(ScheduleSection(kind=kind, n=50))
     assert len(sched) == 50 and sched.sample_sigmas(10).shape == (11,)
 
 
 def test_schedule_checks():
     with pytest.raises(ConfigError, match="schedule: need 0 < sigma_min < sigma_max"):
         parse_config({"schedule": {"sigma_min": 5.0, "sigma_max": 1.0}})
-    with pytest.raises(ConfigError, match="sample.steps=2000 exceeds"):
-        parse_config({"sample": {"steps": 2000}})
-    assert build_schedule(ScheduleConfig()).sigmas[0].item() == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="sampler.steps=2000 exceeds"):
+        parse_config({"sampler": {"steps": 2000}})
+    # a [schedule] section's defaults are the schedule class's own
+    from optidiff import LogLinearSchedule
+
+    assert torch.equal(build_schedule(ScheduleSection()).sigmas, LogLinearSchedule().sigmas)
 
 
 def test_strict_types():
@@ -334,7 +393,7 @@ def test_example_config_is_valid():
     from pathlib import Path
 
     cfg = load_config(Path(cli.__file__).parents[2] / "examples" / "train_toy.toml")
-    assert cfg.data.name == "swiss_roll" and cfg.sample.sampler == "ge"
+    assert cfg.task.params()["dataset"] == "swiss_roll" and cfg.sampler.name == "ge"
 
 
 # ----------------------------------------------------------------------------------- README
@@ -400,15 +459,15 @@ def test_readme_config_is_valid():
 
     (block,) = _readme_blocks("toml")
     cfg = parse_config(tomllib.loads(block), "README.md")
-    assert cfg.sample.sampler == "ge" and cfg.data.name == "swiss_roll"
+    assert cfg.sampler.name == "ge" and cfg.task.params()["dataset"] == "swiss_roll"
 
 
 # ------------------------------------------------------------------------------------- optimize
 
 def test_optimize_runs_a_config_and_writes_the_report(tmp_path):
     cfg = tmp_path / "opt.toml"
-    cfg.write_text('name = "t"\n[model]\nkind = "exact"\n[sampler]\nsteps = 10\n'
-                   '[optimize]\nrounds = 2\nbatch_size = 16\nincrement = 0.2\n')
+    cfg.write_text('name = "t"\n[model]\nkind = "exact"\n[sampler]\nsteps = 10\nbatch_size = 16\n'
+                   '[optimize]\nrounds = 2\nincrement = 0.2\n')
     result = invoke("optimize", cfg, "--run-dir", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -428,12 +487,38 @@ def test_optimize_bad_field_is_one_clear_line(tmp_path):
 
 def test_optimize_dispatches_an_offline_config(tmp_path):
     cfg = tmp_path / "offline.toml"
-    cfg.write_text('name = "t"\n[task]\nname = "subspace"\nD = 6\nd = 2\nn_unlabeled = 200\n'
-                   'n_labeled = 30\n[reward]\nkind = "ridge"\n[method]\n'
-                   '[model]\nhidden = 16\ndepth = 2\nemb_dim = 16\ncond_emb_dim = 8\n'
-                   '[train]\nsteps = 10\nbatch_size = 16\n'
-                   '[sample]\ntargets = [0.5]\nn = 16\nsteps = 4\nseeds = [0]\n')
+    cfg.write_text(OFFLINE)
     result = invoke("optimize", cfg, "--run-dir", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
-    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert rec["subopt"] == pytest.approx(0.5 - rec["reward_mean"])
+    run = tmp_path / "run"
+    (rec,) = read_metrics(run)
+    assert rec["target"] == "0.5" and rec["seed"] == 0
+    x = load_tensors(run / "samples" / "0.5_seed0.safetensors")["samples"]
+    from optidiff.tasks.subspace import LinearSubspaceTask
+
+    task = LinearSubspaceTask(D=6, d=2, n_unlabeled=200, n_labeled=30)
+    assert rec["reward_mean"] == pytest.approx(task.reward(x).mean().item(), rel=1e-6)
+    assert (run / "report.html").is_file() and (run / "plots" / "metrics.png").is_file()
+    assert (run / "train" / "checkpoint" / "meta.json").is_file()
+
+
+OFFLINE = ('name = "t"\n[task]\nname = "linear_subspace"\nD = 6\nd = 2\nn_unlabeled = 200\n'
+           'n_labeled = 30\n[reward]\nkind = "ridge"\n[method]\n'
+           '[model]\nhidden = 16\ndepth = 2\nemb_dim = 16\ncond_emb_dim = 8\n'
+           '[train]\nsteps = 10\nbatch_size = 16\n'
+           '[sampler]\nbatch_size = 16\nsteps = 4\n[generate]\ntargets = [0.5]\nseeds = [0]\n')
+
+
+def test_offline_resume_generates_only_the_missing_batches(tmp_path):
+    cfg = tmp_path / "offline.toml"
+    cfg.write_text(OFFLINE)
+    run = tmp_path / "run"
+    assert invoke("optimize", cfg, "--run-dir", run, "--no-progress").exit_code == 0
+    first = read_metrics(run)
+    cfg.write_text(OFFLINE.replace("seeds = [0]", "seeds = [0, 1]"))
+    result = invoke("optimize", cfg, "--run-dir", run, "--resume", "--no-progress")
+    assert result.exit_code == 2 and "differs in generate" in result.output  # settings are fixed
+    cfg.write_text(OFFLINE)
+    result = invoke("optimize", cfg, "--run-dir", run, "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert read_metrics(run) == first  # nothing left to do: nothing rewritten

@@ -1,4 +1,4 @@
-"""Task ``digits``: data, the FD classifier, guided sampling, cached models (DESIGN.md §4).
+"""Task ``digits``: data, the FD classifier, guided sampling, cached models.
 
 Fast: tiny models and few steps; the real cached models are for the benchmarks
 (``benchmarks/samplers_digits.py``, ``benchmarks/guided_digits.py``).
@@ -14,9 +14,15 @@ import torch
 pytest.importorskip("sklearn")
 
 import optidiff as od
-from optidiff.classifiers import NoiseConditionalClassifier, train_classifier
+from optidiff import metrics, rng
 from optidiff.guidance import Classifier
-from optidiff.models import EmpiricalDenoiser
+from optidiff.models import (
+    DigitClassifier,
+    EmpiricalDenoiser,
+    NoiseConditionalClassifier,
+    train_classifier,
+)
+from optidiff.models.classifiers import class_log_prob, predict
 from optidiff.models.unet import UNet
 from optidiff.tasks import digits as D
 
@@ -39,7 +45,7 @@ def test_digits8_shapes_range_split():
     counts, totals = torch.bincount(yh, minlength=10), torch.bincount(ya, minlength=10)
     assert ((counts - 0.25 * totals).abs() <= 1).all()
     # disjoint and covering: the two parts are a partition of the whole set
-    tr, ho = D._split_indices(ya, 0.25, seed=0)
+    tr, ho = D.split_indices(ya, 0.25, seed=0)
     assert len(set(tr.tolist()) & set(ho.tolist())) == 0
     assert sorted(tr.tolist() + ho.tolist()) == list(range(1797))
     assert torch.equal(xa[ho], xh) and torch.equal(ya[tr], y)
@@ -87,10 +93,10 @@ def digits():
 def small_clf(digits):
     """A DigitClassifier trained for 150 steps (about a second)."""
     (x, y), _ = digits
-    with D._seeded(0):
-        clf = D.DigitClassifier(image_size=8, channels=16, feature_dim=32)
-    D.train_digit_classifier(clf, x, y, steps=150, batch_size=64, lr=3e-3,
-                             generator=torch.Generator().manual_seed(0))
+    with rng.seeded(0):
+        clf = DigitClassifier(image_size=8, channels=16, feature_dim=32)
+    train_classifier(clf, x, y, steps=150, batch_size=64, lr=3e-3, noise=False,
+                     generator=torch.Generator().manual_seed(0))
     return clf
 
 
@@ -98,9 +104,9 @@ def test_classifier_shapes_and_accuracy(digits, small_clf):
     _, (xh, yh) = digits
     assert small_clf.features(xh[:5]).shape == (5, 32)
     assert small_clf(xh[:5]).shape == (5, 10)
-    acc = (D.predict(small_clf, xh).argmax(1) == yh).float().mean().item()
+    acc = (predict(small_clf, xh).argmax(1) == yh).float().mean().item()
     assert acc > 0.85, acc
-    big = D.DigitClassifier(image_size=28, channels=8, feature_dim=128)
+    big = DigitClassifier(image_size=28, channels=8, feature_dim=128)
     assert big.features(torch.zeros(3, 1, 28, 28)).shape == (3, 128)
     with pytest.raises(ValueError, match="shape"):
         small_clf.features(torch.zeros(2, 1, 28, 28))
@@ -114,7 +120,7 @@ def test_fd_zero_on_itself_and_grows_with_noise(digits, small_clf):
     fds = [D.fd(small_clf, xh + s * noise, xh) for s in (0.1, 0.3, 1.0)]
     assert 0 < fds[0] < fds[1] < fds[2]
     # real training images are much closer to the held-out ones than noisy held-out images
-    ref = D.classifier_features(small_clf, xh)
+    ref = metrics.batched_features(small_clf.features, xh)
     assert D.fd(small_clf, x, reference_features=ref) < fds[1]
     with pytest.raises(ValueError, match="exactly one"):
         D.fd(small_clf, x)
@@ -122,11 +128,11 @@ def test_fd_zero_on_itself_and_grows_with_noise(digits, small_clf):
 
 def test_class_log_prob_objective(small_clf, digits):
     _, (xh, yh) = digits
-    f = D.class_log_prob(small_clf, yh[:8])
+    f = class_log_prob(small_clf, yh[:8])
     v = f(xh[:8])
     assert v.shape == (8,) and (v <= 0).all()
     # with the true labels the log-probability beats that of a wrong label on average
-    wrong = D.class_log_prob(small_clf, (yh[:8] + 1) % 10)(xh[:8])
+    wrong = class_log_prob(small_clf, (yh[:8] + 1) % 10)(xh[:8])
     assert v.mean() > wrong.mean()
 
 
@@ -182,7 +188,7 @@ def test_exact_classifier_guidance_samples_the_target_class(exact_setup):
 
 def test_trained_tiny_classifier_guidance_moves_toward_target(exact_setup):
     data, labels, model, sigmas, x_init = exact_setup
-    with D._seeded(0):
+    with rng.seeded(0):
         clf = NoiseConditionalClassifier((1, 8, 8), 10, hidden=64, depth=2).double()
     train_classifier(clf, data, labels, steps=300, batch_size=128, lr=3e-3, sigma_min=0.01,
                      sigma_max=40.0, generator=torch.Generator().manual_seed(0))
@@ -192,7 +198,12 @@ def test_trained_tiny_classifier_guidance_moves_toward_target(exact_setup):
     hit_free = (nearest_labels(free, data, labels) == target).double().mean().item()
     hit = (nearest_labels(guided, data, labels) == target).double().mean().item()
     assert hit > hit_free + 0.4, (hit_free, hit)
-    assert isinstance(Classifier(clf, target, s=2.0), Classifier)
+    # the deprecated spelling s= still works, warns, and means the same weight
+    with pytest.warns(DeprecationWarning, match="use scale="):
+        old = Classifier(clf, target, s=2.0)
+    x, sig = x_init[:4], torch.tensor(1.0, dtype=x_init.dtype)
+    assert torch.equal(old.correction(model, x, sig),
+                       Classifier(clf, target, 2.0).correction(model, x, sig))
 
 
 @pytest.mark.parametrize(("beta", "gain"), [("lemma1", 0.5), ("official", 0.3)])
@@ -231,6 +242,7 @@ def test_cache_round_trip(tmp_path):
     assert list(dirs[0].glob("*.safetensors"))
     m2 = D.pretrained_digits_model("digits8", cache_dir=tmp_path, steps=2, batch_size=8,
                                    unet=tiny, progress=False)
+    assert not m1.train_info.pop("cached") and m2.train_info.pop("cached")
     assert m2.train_info == m1.train_info
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -248,10 +260,12 @@ def test_cache_round_trip(tmp_path):
 
 def test_classifier_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTIDIFF_CACHE", str(tmp_path))
-    assert D.cache_root() == tmp_path
+    from optidiff.cache import cache_root
+
+    assert cache_root() == tmp_path
     c1 = D.pretrained_classifier("digits8", steps=20, channels=8, feature_dim=16)
     c2 = D.pretrained_classifier("digits8", steps=20, channels=8, feature_dim=16)
-    assert isinstance(c2, D.DigitClassifier)
+    assert isinstance(c2, DigitClassifier)
     assert c2.features(torch.zeros(1, 1, 8, 8)).shape == (1, 16)
     assert 0 <= c2.train_info["heldout_accuracy"] <= 1
     for a, b in zip(c1.state_dict().values(), c2.state_dict().values()):
@@ -271,6 +285,6 @@ def test_classifier_caches(tmp_path, monkeypatch):
 def test_inception_features(digits):
     _, (xh, _) = digits
     x = torch.nn.functional.interpolate(xh[:2], size=28, mode="nearest")
-    f = D.inception_features(torch.cat([x, x[:1]]), batch_size=3)
+    f = metrics.inception_features(torch.cat([x, x[:1]]), batch_size=3)
     assert f.shape == (3, 2048) and torch.isfinite(f).all()
     assert torch.allclose(f[0], f[2], atol=1e-4) and not torch.allclose(f[0], f[1], atol=1e-3)

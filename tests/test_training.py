@@ -15,7 +15,6 @@ from torch import nn
 import optidiff as od
 from optidiff.models.base import x0_hat
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
@@ -148,6 +147,21 @@ def test_resume_is_bitwise_exact(tmp_path, interrupt):
     _assert_bitwise_equal(_state(full), _state(resumed))
     assert resumed.losses == full.losses
     assert _logged_steps(run_b) == [10, 20, 30, 40]
+
+
+def test_resume_in_the_middle_of_a_log_interval_logs_the_same_losses(tmp_path):
+    """Checkpoints every 10 steps, a log record every 15: the run resumed at step 20 logs, at
+    step 30, the mean of steps 16–30 (five of them before the resume), as the uninterrupted run."""
+    kw = {"batch_size": 32, "seed": 3, "checkpoint_every": 10, "log_every": 15, "progress": False}
+    od.train(small_mlp(0), DATA, steps=40, run_dir=tmp_path / "a", **kw)
+    od.train(small_mlp(0), DATA, steps=20, run_dir=tmp_path / "b", **kw)
+    od.train(small_mlp(0), DATA, steps=40, run_dir=tmp_path / "b", resume=True, **kw)
+
+    def logged(run):
+        return [(r["step"], r["loss"]) for r in od.checkpoint.read_jsonl(run / "metrics.jsonl")]
+
+    assert [s for s, _ in logged(tmp_path / "b")] == [15, 30, 40]
+    assert logged(tmp_path / "b") == logged(tmp_path / "a")
 
 
 def test_resume_checks(tmp_path):

@@ -10,7 +10,6 @@ import torch
 import optidiff as od
 from optidiff.models.unet import UNet
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

@@ -1,21 +1,27 @@
 """optidiff: diffusion models seen through optimization.
 
 One convention (variance-exploding σ): a model is ``model(x, sigma, cond=None) -> eps`` with
-``x = x0 + σ·ε``; see DESIGN.md §1.
+``x = x0 + σ·ε``; Tweedie's denoised estimate is ``x0_hat = x − σ·eps`` and the score ``−eps/σ``.
+Importing optidiff has no side effects and imports neither diffusers, matplotlib nor pydantic.
 """
 
-from . import checkpoint, models, schedules
-from . import guidance
+from . import checkpoint, guidance, models, optimize, schedules
 from .checkpoint import CheckpointError
+from .models.registry import load_model, save_model
 from .sampling import Step, sample, sample_iter
-from .schedules import (CosineSchedule, DDPMSchedule, KarrasSchedule, LDMSchedule,
-                        LogLinearSchedule, SigmoidSchedule)
-from .training import TrainResult, dsm_loss, load_model, save_model, train
-from . import optimize  # after .training, which optimize uses
+from .schedules import (
+                        CosineSchedule,
+                        DDPMSchedule,
+                        KarrasSchedule,
+                        LDMSchedule,
+                        LogLinearSchedule,
+                        SigmoidSchedule,
+)
+from .training import TrainResult, dsm_loss, train
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-__all__ = ["models", "schedules", "guidance", "optimize", "sample", "sample_iter", "Step", "LogLinearSchedule",
-           "DDPMSchedule", "LDMSchedule", "CosineSchedule", "SigmoidSchedule", "KarrasSchedule",
-           "checkpoint", "CheckpointError", "train", "dsm_loss", "TrainResult", "save_model",
-           "load_model"]
+__all__ = ["CheckpointError", "CosineSchedule", "DDPMSchedule", "KarrasSchedule", "LDMSchedule",
+           "LogLinearSchedule", "SigmoidSchedule", "Step", "TrainResult", "checkpoint",
+           "dsm_loss", "guidance", "load_model", "models", "optimize", "sample", "sample_iter",
+           "save_model", "schedules", "train"]

@@ -1,94 +1,198 @@
-"""Validated run configurations: a TOML file with sections ``[data]``, ``[model]``, ``[schedule]``,
-``[train]`` and ``[sample]`` (see ``examples/train_toy.toml``).
+"""Every TOML configuration of the ``optidiff`` commands, with its sections defined once.
 
-:func:`load_config` parses and validates the file; every problem becomes a :class:`ConfigError`
-whose message names the file, the field path (``train.lr``) and the offending value, before any
-work starts. Unknown keys are errors (``extra="forbid"``), so typos do not pass silently.
+Three kinds of config, told apart by their sections (:func:`config_kind`):
+
+- **train** (``optidiff train``; ``examples/train_toy.toml``): ``[task]`` (whose data to train on),
+  ``[model]``, ``[schedule]``, ``[train]``, ``[sampler]`` (the samples drawn after training);
+- **optimize** (``optidiff optimize``; ``examples/optimize_subspace.toml``): ``[task]`` (with its
+  ``objective``), ``[model]``, ``[schedule]``, ``[train]`` (the pre-training of the model),
+  ``[sampler]``, ``[optimize]``, optional ``[finetune]``;
+- **offline** (``optidiff optimize``; ``examples/offline_tfbind8.toml``): ``[task]``, ``[reward]``,
+  ``[method]``, ``[model]``, ``[schedule]``, ``[train]``, ``[sampler]``, ``[generate]``.
+
+Shared sections: ``[task]`` (``name`` plus the task's own parameters, checked against the task
+class), ``[model]`` (``kind`` plus the parameters that kind takes), ``[schedule]`` (``kind`` plus
+its parameters; a missing section means the default schedule of what is trained), ``[train]``
+(arguments of :func:`optidiff.train`) and ``[sampler]`` (``name``, ``steps``, ``batch_size`` = the
+number of samples, ``gamma``, ``mu``, ``seed``, ``final_zero``). Every key is optional; a value
+left out takes the default of what it configures (the task's network recipe, the pipeline's
+default), so an absent key never changes a run's meaning. Unknown keys are errors, values are
+type- and range-checked, and every problem is one :class:`ConfigError` naming the file and the
+field, before any work starts. Old spellings (``[data]``, ``[sample]``, ``[sampler] n``,
+``[optimize] batch_size``, the offline ``[sample]`` section, ``cfg_weight``, ``guidance_*``) still
+load, with a DeprecationWarning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, create_model, field_validator, model_validator
 
 from . import schedules as S
+from .optimize.offline import ddom_schedule
 from .sampling import SAMPLERS, resolve_sampler
-from .schema import ConfigError, RunName, choice, read_toml, validate
-from .schema import Section as _Section
-from .tasks.toy2d import DATASETS
+from .schema import ConfigError, RunName, Section, Seed, choice, move_keys, read_toml, validate
+from .tasks import TASKS, task_class
 
-__all__ = [
-    "SCHEDULES",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "RunConfig",
-    "SampleConfig",
-    "ScheduleConfig",
-    "TrainConfig",
-    "build_schedule",
-    "dump_toml",
-    "load_config",
-    "parse_config",
-]
+__all__ = ["KINDS", "MODELS", "SCHEDULES", "ConfigError", "OfflineConfig", "OptimizeConfig",
+           "TrainConfig", "build_schedule", "config_kind", "dump_toml", "load_config",
+           "parse_config"]
+
+Pos = Field(default=None, gt=0, allow_inf_nan=False)
+
+# ------------------------------------------------------------------------------ [task]
 
 
-class DataConfig(_Section):
-    """``[data]``: which toy 2-D data set, how many points, drawn with which seed."""
-
-    name: choice(DATASETS, "data set") = "gaussian_mixture"
-    n: int = Field(20_000, gt=0)
-    seed: int = 0
-
-
-class ModelConfig(_Section):
-    """``[model]``: a :class:`~optidiff.models.TimeMLP`."""
-
-    hidden: int = Field(128, gt=0)
-    depth: int = Field(3, gt=0)
-    emb_dim: int = Field(64, gt=0, multiple_of=2)
+@functools.cache
+def _task_params(name: str) -> type[Section]:
+    """A strict section of task ``name``'s constructor parameters (its dataclass fields)."""
+    cls = task_class(name)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else ...)
+              for f in dataclasses.fields(cls) if f.init}
+    return create_model(f"{cls.__name__}Params", __base__=Section, **fields)
 
 
-#: schedule kind -> (class, parameters it accepts)
-SCHEDULES: dict[str, tuple[type, tuple[str, ...]]] = {
+class TaskSection(Section):
+    """``[task]``: ``name`` (a registered task) and that task's parameters; ``objective`` for
+    optimization runs."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    name: str = "toy2d"
+    objective: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _params(self) -> TaskSection:
+        from pydantic import ValidationError
+
+        try:
+            _task_params(self.name).model_validate(self.params())
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            what = ("unknown key" if first["type"] == "extra_forbidden"
+                    else first["msg"].removeprefix("Value error, "))
+            raise ValueError(f"{where}: {what} for task {self.name!r} (its parameters: "
+                             f"{', '.join(_task_params(self.name).model_fields) or 'none'})"
+                             ) from None
+        objectives = getattr(task_class(self.name), "objectives", ())
+        if self.objective is not None and self.objective not in objectives:
+            raise ValueError(f"objective {self.objective!r} is not an objective of task "
+                             f"{self.name!r}; choose one of {', '.join(objectives) or '(none)'}")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """The task's constructor arguments."""
+        return dict(self.model_extra or {})
+
+
+# ------------------------------------------------------------------------------ [model]
+
+#: model kind -> (class path, parameters a config may set); the data-derived ones (dimension,
+#: σ_data) come from the task
+MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "timemlp": ("TimeMLP", ("hidden", "depth", "emb_dim", "num_classes")),
+    "conditional_mlp": ("ConditionalMLP", ("hidden", "depth", "emb_dim", "cond_emb_dim")),
+    "unet": ("UNet", ("channels", "channel_mult", "num_res_blocks", "attention", "emb_dim",
+                      "groups", "dropout", "num_classes")),
+    "load": ("", ("checkpoint",)),
+    "exact": ("", ()),
+}
+
+
+class ModelSection(Section):
+    """``[model]``: ``kind`` (a network to train, ``load`` a checkpoint, or ``exact``, the task's
+    exact denoiser) and only the parameters that kind takes."""
+
+    kind: Literal["timemlp", "conditional_mlp", "unet", "load", "exact"] | None = None
+    checkpoint: str | None = Field(None, min_length=1)
+    hidden: int | None = Field(None, gt=0, le=65_536)
+    depth: int | None = Field(None, gt=0, le=64)
+    emb_dim: int | None = Field(None, gt=0, le=65_536, multiple_of=2)
+    cond_emb_dim: int | None = Field(None, gt=0, le=65_536)
+    num_classes: int | None = Field(None, ge=2, le=100_000)
+    channels: int | None = Field(None, gt=0, le=4096)
+    channel_mult: list[int] | None = Field(None, min_length=1, max_length=8)
+    num_res_blocks: int | None = Field(None, gt=0, le=16)
+    attention: bool | None = None
+    groups: int | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)
+
+    def params(self) -> dict[str, Any]:
+        """The set parameters (other than ``kind``)."""
+        return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        if self.kind is not None:
+            self.resolved_kind(self.kind)
+        return self
+
+    def resolved_kind(self, default: str) -> str:
+        """``kind``, or the run's ``default`` kind when unset, after checking that the set
+        parameters belong to it (a ValueError naming them otherwise)."""
+        kind = self.kind or default
+        allowed = MODELS[kind][1]
+        extra = [k for k in self.params() if k not in allowed]
+        if extra:
+            raise ValueError(f"model kind {kind!r} takes {', '.join(allowed) or 'no parameters'};"
+                             f" not {', '.join(extra)}")
+        if kind == "load" and not self.checkpoint:
+            raise ValueError("kind = 'load' needs checkpoint = 'path'")
+        return kind
+
+
+# ------------------------------------------------------------------------------ [schedule]
+
+#: schedule kind -> (builder, parameters it accepts)
+SCHEDULES: dict[str, tuple[Any, tuple[str, ...]]] = {
     "loglinear": (S.LogLinearSchedule, ("sigma_min", "sigma_max", "n")),
     "ddpm": (S.DDPMSchedule, ("n", "beta_start", "beta_end")),
     "ldm": (S.LDMSchedule, ("n", "beta_start", "beta_end")),
     "cosine": (S.CosineSchedule, ("n", "s", "max_beta")),
     "sigmoid": (S.SigmoidSchedule, ("n", "beta_start", "beta_end")),
     "karras": (S.KarrasSchedule, ("sigma_min", "sigma_max", "rho", "n")),
+    "ddom": (ddom_schedule, ("n", "beta_min", "beta_max")),
 }
 
 
-class ScheduleConfig(_Section):
-    """``[schedule]``: ``kind`` plus only the parameters that kind takes (others are errors).
-    Defaults: log-linear σ ∈ [0.01, 10] with n = 1000 (smalldiffusion's toy example range)."""
+class ScheduleSection(Section):
+    """``[schedule]``: ``kind`` plus only the parameters that kind takes; unset ones take the
+    schedule class's defaults (``LogLinearSchedule()``: σ ∈ [0.02, 10], n = 1000)."""
 
-    kind: Literal["loglinear", "ddpm", "ldm", "cosine", "sigmoid", "karras"] = "loglinear"
-    n: int = Field(1000, ge=2)
-    sigma_min: float | None = Field(None, gt=0)
-    sigma_max: float | None = Field(None, gt=0)
+    kind: Literal["loglinear", "ddpm", "ldm", "cosine", "sigmoid", "karras", "ddom"] = "loglinear"
+    n: int | None = Field(None, ge=2, le=100_000)
+    sigma_min: float | None = Pos
+    sigma_max: float | None = Pos
     beta_start: float | None = Field(None, gt=0, lt=1)
     beta_end: float | None = Field(None, gt=0, lt=1)
-    rho: float | None = Field(None, gt=0)
-    s: float | None = Field(None, ge=0)
+    beta_min: float | None = Pos
+    beta_max: float | None = Pos
+    rho: float | None = Pos
+    s: float | None = Field(None, ge=0, allow_inf_nan=False)
     max_beta: float | None = Field(None, gt=0, lt=1)
 
     def params(self) -> dict[str, Any]:
-        """The constructor arguments of this kind that are set (loglinear gets 0.01–10 by default)."""
-        out = {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
-        if self.kind == "loglinear":
-            out = {"sigma_min": 0.01, "sigma_max": 10.0, **out}
-        return out
+        return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
 
     @model_validator(mode="after")
-    def _check(self) -> ScheduleConfig:
+    def _check(self) -> ScheduleSection:
         allowed = SCHEDULES[self.kind][1]
-        extra = [k for k, v in self.model_dump(exclude={"kind"}).items()
-                 if v is not None and k not in allowed]
+        extra = [k for k in self.params() if k not in allowed]
         if extra:
             raise ValueError(f"kind={self.kind!r} takes {', '.join(allowed)}; not "
                              f"{', '.join(extra)}")
@@ -96,69 +200,356 @@ class ScheduleConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
-    """``[train]``: arguments of :func:`optidiff.train`."""
+def build_schedule(cfg: ScheduleSection) -> S.Schedule:
+    """The schedule object of a ``[schedule]`` section."""
+    return SCHEDULES[cfg.kind][0](**cfg.params())
 
-    steps: int = Field(5000, gt=0)
-    batch_size: int = Field(256, gt=0)
-    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0, allow_inf_nan=False)
-    seed: int = 0
+
+# ------------------------------------------------------------------------------ [train], [sampler]
+
+class TrainSection(Section):
+    """``[train]``: arguments of :func:`optidiff.train`; ``cache`` keeps a pre-trained model in
+    the cache (optimize runs). Unset values take the defaults of the model being trained."""
+
+    steps: int | None = Field(None, gt=0, le=10**9)
+    batch_size: int | None = Field(None, gt=0, le=10**7)
+    lr: float | None = Pos
+    weight_decay: float | None = Field(None, ge=0, allow_inf_nan=False)
+    ema_decay: float | None = Field(None, ge=0, lt=1)
+    grad_clip: float | None = Pos
+    seed: Seed | None = None
     checkpoint_every: int | None = Field(None, gt=0)
-    log_every: int = Field(100, gt=0)
+    log_every: int | None = Field(None, gt=0)
+    cache: bool = True
+
+    def kwargs(self, **defaults: Any) -> dict[str, Any]:
+        """The set values over ``defaults`` (``cache`` excluded)."""
+        return {**defaults, **{k: v for k, v in self.model_dump(exclude={"cache"}).items()
+                               if v is not None}}
 
 
-class SampleConfig(_Section):
-    """``[sample]``: the sampler run after training (see ``optidiff.sampling``)."""
+class SamplerSection(Section):
+    """``[sampler]``: any :func:`optidiff.sample` sampler, its steps on the model's σ table,
+    ``batch_size`` samples drawn with ``seed``."""
 
-    sampler: choice(SAMPLERS, "sampler") = "ge"
-    steps: int = Field(10, gt=0)
-    n: int = Field(2000, gt=0)
-    gamma: float | None = Field(None, gt=0, allow_inf_nan=False)
+    name: choice(SAMPLERS, "sampler") | None = None
+    steps: int | None = Field(None, gt=0, le=100_000)
+    batch_size: int | None = Field(None, gt=0, le=10**7)
+    gamma: float | None = Pos
     mu: float | None = Field(None, ge=0, lt=1)
-    seed: int = 0
+    seed: Seed | None = None
     final_zero: bool = True
 
     @model_validator(mode="after")
-    def _check(self) -> SampleConfig:
-        resolve_sampler(self.sampler, self.gamma, self.mu)  # e.g. sampler='ddim' with gamma=2
+    def _check(self) -> SamplerSection:
+        if self.name is not None or self.gamma is not None or self.mu is not None:
+            resolve_sampler(self.name or "gamma_mu", self.gamma, self.mu)
         return self
 
+    def resolved(self, **defaults: Any) -> dict[str, Any]:
+        """name, steps, batch_size, gamma, mu, seed, final_zero with unset ones from ``defaults``."""
+        return {**defaults, **{k: v for k, v in self.model_dump().items() if v is not None}}
 
-class RunConfig(_Section):
-    """A whole training run; ``name`` names the run directory ``runs/<name>-<time>``."""
 
-    name: RunName = "toy"
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    sample: SampleConfig = Field(default_factory=SampleConfig)
+# ------------------------------------------------------------------------------ optimize
+
+class OptimizeSection(Section):
+    """``[optimize]``: Algorithm 1 or 2 of Guo et al. (NeurIPS 2024): guidance and its step size
+    ``beta``, where the gradient is taken, rounds, and the target rule (``increment`` δ, default
+    0.2, or a fixed ``target``)."""
+
+    algorithm: Literal["gradient_guided", "adaptive"] = "gradient_guided"
+    guidance: Literal["lookahead", "naive"] = "lookahead"
+    beta: Literal["official", "lemma1"] | float | None = "official"
+    gradient_at: Literal["sample", "mean"] = "sample"
+    rounds: int = Field(100, ge=1, le=100_000)
+    increment: float | None = Pos
+    target: float | None = Field(None, allow_inf_nan=False)
+    noise_std: float = Field(0.1, gt=0, allow_inf_nan=False)
+    top_k: int = Field(4, ge=1, le=10**6)
+    seed: Seed = 0
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: Any) -> Any:
+        if isinstance(v, float) and not (math.isfinite(v) and v >= 0):
+            raise ValueError("beta must be 'official', 'lemma1' or a finite number >= 0")
+        return v
 
     @model_validator(mode="after")
-    def _check(self) -> RunConfig:
-        if self.sample.steps > self.schedule.n:
-            raise ValueError(f"sample.steps={self.sample.steps} exceeds the schedule's "
-                             f"schedule.n={self.schedule.n} noise levels")
+    def _rule(self) -> OptimizeSection:
+        if self.increment is not None and self.target is not None:
+            raise ValueError("give increment or target, not both")
+        if self.increment is None and self.target is None:
+            self.increment = 0.2
         return self
 
 
-def build_schedule(cfg: ScheduleConfig) -> S.Schedule:
-    """The schedule object of a ``[schedule]`` section."""
-    cls, _ = SCHEDULES[cfg.kind]
-    return cls(**cfg.params())
+class FinetuneSection(Section):
+    """``[finetune]`` (``algorithm = "adaptive"``): the DSM fine-tuning of Algorithm 2."""
+
+    lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
+    steps_per_round: int = Field(1, ge=1, le=10**6)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    start_round: int = Field(0, ge=0)
+    replay_decay: float = Field(0.0, ge=0, le=1)
+    pretrain_weight: float = Field(0.0, ge=0, lt=1)
+    batch_size: int | None = Field(None, ge=1, le=10**7)
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Validate a parsed config mapping; errors become one :class:`ConfigError` naming ``source``."""
-    return validate(RunConfig, data, source)
+class OptimizeConfig(Section):
+    """A whole ``optidiff optimize`` run of generative optimization."""
+
+    name: RunName = "optimize"
+    task: TaskSection = Field(default_factory=lambda: TaskSection(name="subspace"))
+    model: ModelSection = Field(default_factory=ModelSection)
+    schedule: ScheduleSection | None = None
+    train: TrainSection = Field(default_factory=TrainSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    optimize: OptimizeSection = Field(default_factory=OptimizeSection)
+    finetune: FinetuneSection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizeConfig:
+        objectives = getattr(task_class(self.task.name), "objectives", ())
+        if not objectives:
+            raise ValueError(f"task {self.task.name!r} has no objectives to optimize")
+        if self.task.objective is None:
+            self.task.objective = objectives[0]
+        if self.model.resolved_kind("timemlp") not in ("timemlp", "load", "exact"):
+            raise ValueError(f"model.kind = {self.model.kind!r}: optimize runs pre-train a "
+                             "'timemlp', 'load' a checkpoint or use the 'exact' denoiser")
+        if self.finetune is not None and self.optimize.algorithm != "adaptive":
+            raise ValueError("[finetune] is used only with optimize.algorithm = 'adaptive'")
+        return self
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a TOML run configuration."""
-    return parse_config(read_toml(path), str(path))
+# ------------------------------------------------------------------------------ offline
+
+class RewardSection(Section):
+    """``[reward]``: the reward model of step 1 (``none``: observed labels only, DDOM)."""
+
+    kind: Literal["ridge", "mlp", "none"] = "ridge"
+    ensemble: int = Field(1, ge=1, le=1000)
+    alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
+    hidden: int = Field(128, ge=1, le=65_536)
+    depth: int = Field(2, ge=1, le=64)
+    steps: int = Field(2000, ge=1, le=10**8)
+    batch_size: int = Field(256, ge=1, le=10**7)
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(1e-4, ge=0, allow_inf_nan=False)
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.kind == "ridge":
+            return {"alpha": self.alpha}
+        return {k: getattr(self, k) for k in ("hidden", "depth", "steps", "batch_size", "lr",
+                                              "weight_decay")}
+
+
+class MethodSection(Section):
+    """``[method]``: ``reward_conditioned`` (the tutorial's method / DDOM),
+    ``classifier_guidance`` (the RCGDM image-code variant) or ``gradient_ascent`` (Design-Bench's
+    Grad. baseline)."""
+
+    name: Literal["reward_conditioned", "classifier_guidance", "gradient_ascent"] = \
+        "reward_conditioned"
+    relabel_labeled: bool = True
+    pseudo_label_noise: float = Field(0.0, ge=0, allow_inf_nan=False)
+    reweight: bool = False
+    reweight_bins: int = Field(20, ge=1, le=10_000)
+    reweight_quantile: float = Field(0.9, ge=0, le=1)
+    reweight_clip: float = Field(5.0, gt=0, allow_inf_nan=False)
+    cond_drop: float = Field(0.15, ge=0, lt=1)
+    ascent_steps: int = Field(200, ge=0, le=10**7)
+    ascent_lr: float = Field(0.01, gt=0, allow_inf_nan=False)
+
+
+Target = float | str
+
+
+def _check_target(t: Target | None, allowed: tuple[str, ...]) -> None:
+    if isinstance(t, str) and t not in allowed and not (
+            t.startswith("q") and t[1:].replace(".", "", 1).isdigit() and 0 <= float(t[1:]) <= 100):
+        raise ValueError(f"target {t!r} must be a number, {' or '.join(map(repr, allowed))} or "
+                         "'qXX' (0 <= XX <= 100)")
+
+
+class GenerateSection(Section):
+    """``[generate]``: the targets (numbers, ``"max"`` or ``"qXX"``), one batch per target and per
+    seed in ``seeds``; the prior, classifier-free guidance and reward guidance."""
+
+    targets: list[Target] = Field(default_factory=lambda: ["max"], min_length=1, max_length=1000)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=1000)
+    prior: Literal["ve", "vp"] = "ve"
+    cfg_scale: float = Field(1.0, allow_inf_nan=False)
+    reward_scale: float = Field(0.0, ge=0, allow_inf_nan=False)
+    reward_target: Target | None = None
+    reward_clip: float | None = Pos
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerateSection:
+        for t in self.targets:
+            _check_target(t, ("max",))
+        _check_target(self.reward_target, ("max", "ascent"))
+        return self
+
+
+class OfflineConfig(Section):
+    """A whole offline reward-maximization run (``optidiff optimize CONFIG``)."""
+
+    name: RunName = "offline"
+    task: TaskSection = Field(default_factory=lambda: TaskSection(name="linear_subspace"))
+    reward: RewardSection = Field(default_factory=RewardSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    schedule: ScheduleSection | None = None
+    train: TrainSection = Field(default_factory=TrainSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> OfflineConfig:
+        if not hasattr(task_class(self.task.name), "offline_data"):
+            raise ValueError(f"task {self.task.name!r} is not an offline task")
+        m, r, g = self.method.name, self.reward.kind, self.generate
+        if m in ("classifier_guidance", "gradient_ascent") and r == "none":
+            raise ValueError(f"method {m!r} needs a reward model: reward.kind 'ridge' or 'mlp'")
+        if g.reward_scale > 0 and r == "none":
+            raise ValueError("generate.reward_scale > 0 needs a reward model (reward.kind)")
+        if g.cfg_scale != 1.0 and self.method.cond_drop == 0:
+            raise ValueError("generate.cfg_scale != 1 needs method.cond_drop > 0")
+        default = "timemlp" if m == "classifier_guidance" else "conditional_mlp"
+        if self.model.resolved_kind(default) != default:
+            raise ValueError(f"model.kind = {self.model.kind!r}: method {m!r} trains a "
+                             f"{default!r}")
+        return self
+
+
+# ------------------------------------------------------------------------------ train
+
+class TrainConfig(Section):
+    """A whole ``optidiff train`` run; ``name`` names the run directory ``runs/<name>-<time>``."""
+
+    name: RunName = "train"
+    task: TaskSection = Field(default_factory=TaskSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    sampler: SamplerSection = Field(default_factory=SamplerSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.task.objective is not None:
+            raise ValueError("task.objective belongs to optimize configs")
+        if self.model.resolved_kind("timemlp") in ("load", "exact"):
+            raise ValueError(f"model.kind = {self.model.kind!r}: a train config trains a network")
+        n, steps = len(build_schedule(self.schedule)), self.sampler.steps
+        if steps is not None and steps > n:
+            raise ValueError(f"sampler.steps={steps} exceeds the schedule's {n} noise levels")
+        return self
+
+
+# ------------------------------------------------------------------------------ loading
+
+KINDS: dict[str, type[Section]] = {"train": TrainConfig, "optimize": OptimizeConfig,
+                                   "offline": OfflineConfig}
+#: the command that runs each kind
+COMMANDS = {"train": "optidiff train", "optimize": "optidiff optimize",
+            "offline": "optidiff optimize"}
+
+#: deprecated spellings, per kind: (old key path, new key path), applied in order
+_MOVES: dict[str, list[tuple[str, str]]] = {
+    "train": [("sample", "sampler"), ("sampler.sampler", "sampler.name"),
+              ("sampler.n", "sampler.batch_size")],
+    "optimize": [("optimize.batch_size", "sampler.batch_size"), ("model.steps", "train.steps"),
+                 ("model.batch_size", "train.batch_size"), ("model.lr", "train.lr"),
+                 ("model.seed", "train.seed"), ("model.cache", "train.cache"),
+                 ("model.sigma_min", "schedule.sigma_min"),
+                 ("model.sigma_max", "schedule.sigma_max")],
+    "offline": [("sample.n", "sampler.batch_size"), ("sample.steps", "sampler.steps"),
+                ("sample.sampler", "sampler.name"), ("sample.cfg_weight", "generate.cfg_scale"),
+                ("sample.guidance_scale", "generate.reward_scale"),
+                ("sample.guidance_target", "generate.reward_target"),
+                ("sample.guidance_clip", "generate.reward_clip"),
+                ("sample.targets", "generate.targets"), ("sample.seeds", "generate.seeds"),
+                ("sample.prior", "generate.prior")],
+}
+
+
+def config_kind(data: dict[str, Any]) -> str | None:
+    """The kind a config's sections show: ``"optimize"`` (``[optimize]`` or ``[finetune]``),
+    ``"offline"`` (``[method]``, ``[reward]`` or ``[generate]``), ``"train"`` (the old ``[data]``
+    or ``[sample]``), or None when its sections are shared by every kind."""
+    if {"optimize", "finetune"} & set(data):
+        return "optimize"
+    if {"method", "reward", "generate"} & set(data):
+        return "offline"
+    if {"data", "sample"} & set(data):
+        return "train"
+    return None
+
+
+def _deprecated(source: str, old: str, new: str) -> None:
+    warnings.warn(f"{source}: {old} is deprecated; write {new}", DeprecationWarning, stacklevel=4)
+
+
+def _migrate(data: dict[str, Any], kind: str, source: str) -> dict[str, Any]:
+    """Carry the deprecated spellings of ``kind`` over to the current ones."""
+    data = dict(data)
+    if kind == "train" and isinstance(data.get("data"), dict):  # [data] name → [task] dataset
+        if "task" in data:
+            raise ConfigError(f"{source}: give [task] (the new name of [data]), not both")
+        _deprecated(source, "[data] name = …", '[task] name = "toy2d", dataset = …')
+        old = dict(data.pop("data"))
+        data["task"] = {"name": "toy2d", **({"dataset": old.pop("name")} if "name" in old
+                                           else {}), **old}
+    out = move_keys(data, _MOVES[kind], source)
+    model, task = out.get("model"), out.get("task")
+    if kind == "optimize" and isinstance(model, dict) and model.get("kind") == "train":
+        _deprecated(source, "model.kind = 'train'", "'timemlp'")
+        model["kind"] = "timemlp"
+    if kind == "optimize" and isinstance(out.get("schedule"), dict):
+        out["schedule"].setdefault("kind", "loglinear")
+    if kind == "offline" and isinstance(task, dict) and task.get("name") == "subspace":
+        _deprecated(source, "an offline task.name = 'subspace'", "'linear_subspace'")
+        task["name"] = "linear_subspace"
+    return out
+
+
+def _wrong_kind(source: str, found: str, data: dict[str, Any]) -> ConfigError:
+    article = "an" if found[0] in "aeiou" else "a"
+    return ConfigError(f"{source}: this is {article} {found} config (sections "
+                       f"{', '.join(data) or 'none'}); run it with {COMMANDS[found]}")
+
+
+def parse_config(data: Any, source: str = "<config>", kind: str | None = None) -> Any:
+    """Validate a parsed config mapping as ``kind`` (default: what its sections show, else
+    ``"train"``); a config of a kind another command runs is a ConfigError saying which."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping, got {type(data).__name__}")
+    found, expected = config_kind(data), kind
+    if kind is None or (found is not None and COMMANDS[found] == COMMANDS[kind]):
+        kind = found or kind or "train"
+    elif found is not None:
+        raise _wrong_kind(source, found, data)
+    try:
+        return validate(KINDS[kind], _migrate(data, kind, source), source)
+    except ConfigError:
+        if found is None and expected is not None:
+            # shared sections only: is it a valid config of another command?
+            for other in KINDS:
+                if COMMANDS[other] != COMMANDS[kind]:
+                    try:
+                        validate(KINDS[other], _migrate(data, other, source), source)
+                    except ConfigError:
+                        continue
+                    raise _wrong_kind(source, other, data) from None
+        raise
+
+
+def load_config(path: str | Path, kind: str | None = None) -> Any:
+    """Read and validate a TOML config file (see :func:`parse_config`)."""
+    return parse_config(read_toml(path), str(path), kind)
 
 
 def _toml_value(v: Any) -> str:
@@ -170,13 +561,19 @@ def _toml_value(v: Any) -> str:
         return str(v)
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(u) for u in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
-def dump_toml(cfg: RunConfig) -> str:
-    """The config as TOML (unset optional parameters omitted); ``load_config`` reads it back."""
+def dump_toml(cfg: Section) -> str:
+    """A config as TOML (unset values omitted); :func:`load_config` reads it back."""
     lines = [f"name = {_toml_value(cfg.name)}"]
     for section, body in cfg.model_dump(exclude={"name"}).items():
+        if body is None:
+            continue
+        if section == "task":
+            body = {**body, **cfg.task.params()}
         lines += ["", f"[{section}]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in body.items() if v is not None]
     return "\n".join(lines) + "\n"

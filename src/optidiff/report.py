@@ -1,18 +1,12 @@
-"""Run directories and their reports.
+"""The figures and the HTML report of a run directory (:class:`optidiff.runs.RunDir`).
 
-A :class:`RunDir` holds everything one command produced (DESIGN.md §2.1)::
-
-    runs/<name>-<YYYYmmdd-HHMMSS>/
-        run.json          title, command, creation time
-        config.toml       copy of the configuration
-        metrics.jsonl     one JSON record per line; ``event`` groups records into tables
-                          (records without one: "train" if they hold a loss, else "metrics")
-        samples/*.safetensors   tensors under the key "samples" (no pickle)
-        plots/*.png       matplotlib figures (Agg, no pyplot state)
-        report.html       title, one metrics table per event, the plots inline
-
-:func:`write_report` rebuilds ``report.html`` from the files alone, so ``optidiff report RUN_DIR``
-works on any run directory, also one copied from another machine.
+A run directory holds ``run.json`` (kind, title, command, creation time), ``config.toml``,
+``metrics.jsonl`` (one JSON record per line; ``event`` groups records into tables, records
+without one are "train" if they hold a loss, else "metrics"), ``samples/*.safetensors``,
+``plots/*.png`` and ``report.html``. :func:`write_report` rebuilds the report from those files
+alone, so ``optidiff report RUN_DIR`` works on any run directory, also one copied from another
+machine. Figures are matplotlib ``Figure`` objects (no pyplot state; matplotlib is imported only
+when a figure is made).
 """
 
 from __future__ import annotations
@@ -20,8 +14,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import shutil
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,121 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = [
-    "RunDir",
-    "load_samples",
-    "loss_figure",
-    "read_metrics",
-    "scatter_figure",
-    "write_report",
-]
+from .checkpoint import CheckpointError, read_json, read_jsonl, write_text
+
+__all__ = ["curves_figure", "loss_figure", "metrics_figure", "projection_figure",
+           "scatter_figure", "write_report"]
 
 MAX_ROWS = 30  # rows per metrics table in report.html (evenly thinned, the last row always kept)
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
-class RunDir:
-    """A run directory; ``RunDir.create(name)`` makes ``runs/<name>-<YYYYmmdd-HHMMSS>``."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    @classmethod
-    def create(cls, name: str, *, root: str | Path = "runs", path: str | Path | None = None,
-               title: str | None = None, command: str | None = None) -> RunDir:
-        """A run directory: ``path`` if given (created if needed; an existing ``run.json`` is
-        kept), else a fresh time-stamped one under ``root``."""
-        if path is None:
-            stem = Path(root) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            path, i = stem, 1
-            while path.exists():
-                path, i = stem.with_name(f"{stem.name}-{i}"), i + 1
-        run = cls(path)
-        if not (run.path / "run.json").exists():  # an existing run (resumed) keeps its record
-            meta = {"name": name, "title": title or name, "command": command,
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-            (run.path / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-        return run
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    # ---------------------------------------------------------------------- files
-    def copy_config(self, src: str | Path) -> Path:
-        """Copy a config file into the run as ``config<suffix>``."""
-        dst = self.path / f"config{Path(src).suffix or '.toml'}"
-        if Path(src).resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
-        return dst
-
-    def write_text(self, name: str, text: str) -> Path:
-        """Write a text file in the run directory."""
-        dst = self.path / name
-        dst.write_text(text, encoding="utf-8")
-        return dst
-
-    def log(self, record: Mapping[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        """Append one JSON record to ``metrics.jsonl`` (tensors become numbers or lists)."""
-        rec = {k: _jsonable(v) for k, v in {**(record or {}), **fields}.items()}
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-        return rec
-
-    def metrics(self) -> list[dict[str, Any]]:
-        """All records of ``metrics.jsonl``."""
-        return read_metrics(self.path)
-
-    def save_samples(self, name: str, x: Tensor) -> Path:
-        """Save a tensor as ``samples/<name>.safetensors`` (key ``"samples"``)."""
-        from safetensors.torch import save_file
-
-        dst = self.path / "samples" / f"{name}.safetensors"
-        dst.parent.mkdir(exist_ok=True)
-        save_file({"samples": x.detach().cpu().contiguous()}, str(dst))
-        return dst
-
-    def save_figure(self, fig: Any, name: str) -> Path:
-        """Save a matplotlib figure as ``plots/<name>.png``."""
-        dst = self.path / "plots" / f"{name}.png"
-        dst.parent.mkdir(exist_ok=True)
-        fig.savefig(dst, dpi=110, bbox_inches="tight")
-        return dst
-
-    def write_report(self, title: str | None = None) -> Path:
-        """(Re)write ``report.html`` from the directory's contents."""
-        return write_report(self.path, title)
-
-
-def load_samples(path: str | Path) -> Tensor:
-    """Read a tensor saved by :meth:`RunDir.save_samples`."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path))["samples"]
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of ``<path>/metrics.jsonl`` (empty if absent); a bad line raises ValueError."""
-    f = Path(path) / "metrics.jsonl"
-    if not f.exists():
-        return []
-    out = []
-    for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f}:{i}: not a JSON line ({e.msg})") from None
-    return out
 
 
 # ------------------------------------------------------------------------------ figures
@@ -220,14 +103,14 @@ def write_report(path: str | Path, title: str | None = None) -> Path:
     """Write ``<path>/report.html``: title, one table per ``event`` of metrics.jsonl, every
     ``plots/*.png`` (by relative path) and the list of files. Returns the report's path."""
     path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"run directory {str(path)!r} does not exist")
-    meta = {}
-    if (path / "run.json").exists():
-        meta = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    if not (path / "run.json").is_file():
+        raise ValueError(f"{str(path)!r} is not an optidiff run directory (it has no run.json)")
+    meta = read_json(path / "run.json")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / 'run.json'}: must be a JSON object")
     title = title or meta.get("title") or path.name
     groups: dict[str, list[dict[str, Any]]] = {}
-    for rec in read_metrics(path):
+    for rec in read_jsonl(path / "metrics.jsonl"):
         event = rec.get("event") or ("train" if "loss" in rec else "metrics")
         groups.setdefault(str(event), []).append(rec)
     parts = [f"<h1>{html.escape(title)}</h1>",
@@ -252,5 +135,66 @@ def write_report(path: str | Path, title: str | None = None) -> Path:
            f"</title><style>{_STYLE}</style></head><body>\n" + "\n".join(parts)
            + "\n</body></html>\n")
     out = path / "report.html"
-    out.write_text(doc, encoding="utf-8")
+    write_text(out, doc)
     return out
+
+
+def curves_figure(runs: dict[str, list[dict]], keys: list[tuple[str, str]],
+                  refs: dict[str, float]):
+    """One panel per ``(key, label)`` of the round records of each run, with the reference
+    values (dashed) on the reward panels."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4.2 * len(keys), 3.4))
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, keys):
+        for name, hist in runs.items():
+            ax.plot([h["round"] for h in hist], [h.get(key, math.nan) for h in hist], label=name)
+        for rname, val in refs.items():
+            if key.startswith("reward") and val is not None and math.isfinite(val):
+                ax.axhline(val, ls="--", lw=0.8, color="gray")
+                ax.annotate(rname, (0, val), fontsize=7, color="gray", va="bottom")
+        ax.set(xlabel="round", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def projection_figure(task: Any, objective: str, runs: dict[str, list[Tensor]],
+                      rounds: dict[str, list[int]]):
+    """The task's 2-D projection (``task.projection``) of the samples of selected rounds, one
+    panel per run, colour by round."""
+    from matplotlib import cm
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4.4 * len(runs), 3.8))
+    axes = fig.subplots(1, len(runs), squeeze=False, sharex=True, sharey=True)[0]
+    for ax, (name, samples) in zip(axes, runs.items()):
+        ks = rounds[name]
+        for i, (k, x) in enumerate(zip(ks, samples)):
+            p, xl, yl = task.projection(objective, x)
+            ax.scatter(p[:, 0], p[:, 1], s=6, alpha=0.7, color=cm.viridis(i / max(1, len(ks) - 1)),
+                       label=f"round {k}", linewidths=0)
+        ax.set(xlabel=xl, ylabel=yl, title=name)
+        ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    return fig
+
+
+def metrics_figure(records: list[dict[str, Any]], *, by: str = "target", seed_key: str = "seed"):
+    """One panel per numeric metric of ``records`` (e.g. the offline runs' oracle scores): its
+    mean over the records of each ``by`` value, with the min–max range over seeds."""
+    from matplotlib.figure import Figure
+    skip = {by, seed_key, "seconds", "target_value", "event"}
+    keys = [k for k in dict.fromkeys(k for r in records for k in r)
+            if k not in skip and all(isinstance(r.get(k), (int, float)) for r in records)]
+    groups = list(dict.fromkeys(str(r.get(by)) for r in records))
+    fig = Figure(figsize=(3.2 * max(1, len(keys)), 3.0))
+    axes = fig.subplots(1, max(1, len(keys)), squeeze=False)[0]
+    for ax, key in zip(axes, keys):
+        vals = [[float(r[key]) for r in records if str(r.get(by)) == g] for g in groups]
+        mean = [sum(v) / len(v) for v in vals]
+        lo = [m - min(v) for m, v in zip(mean, vals)]
+        hi = [max(v) - m for m, v in zip(mean, vals)]
+        ax.errorbar(range(len(groups)), mean, yerr=[lo, hi], fmt="o", capsize=3)
+        ax.set(xticks=range(len(groups)), xticklabels=groups, xlabel=by, title=key)
+    fig.tight_layout()
+    return fig

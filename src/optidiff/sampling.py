@@ -1,11 +1,11 @@
 """Samplers in VE σ coordinates: the (γ, μ) family of Permenter & Yuan and its peers.
 
-A *model* is any callable ``model(x, sigma, cond=None) -> eps`` (DESIGN.md §1); a *guidance* is any
+A *model* is any callable ``model(x, sigma, cond=None) -> eps`` (VE convention); a *guidance* is any
 callable ``guidance(model, x, sigma, cond) -> eps_guided`` (see :class:`Guidance`). Every sampler
 is a loop over a decreasing σ grid that calls :func:`_eps` once per network evaluation (NFE), so any
 guidance composes with any sampler.
 
-The (γ, μ) family (seed 003, Algorithm 2 and its stochastic generalisation, eq. 12)::
+The (γ, μ) family (Permenter & Yuan (ICML 2024), Algorithm 2 and its stochastic generalisation, eq. 12)::
 
     ebar_t  = eps_t  (first step),   γ·eps_t + (1−γ)·eps_{t+1}  (afterwards; eps_{t+1}: previous output)
     σ'      = (σ_{t−1} / σ_t^μ)^{1/(1−μ)}
@@ -17,15 +17,18 @@ DDIM = (1, 0), DDPM = (1, ½) exactly, GE = (2, 0); one NFE per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["Guidance", "Step", "sample", "sample_iter", "gamma_mu_step", "resolve_sampler", "SAMPLERS",
-           "PRESETS", "check_sigmas"]
+from . import rng
+
+__all__ = ["PRESETS", "SAMPLERS", "Guidance", "Step", "check_gamma_mu", "check_sigmas",
+           "gamma_mu_step", "progress_off", "resolve_sampler", "sample", "sample_iter"]
 
 Model = Callable[..., Tensor]
 
@@ -37,7 +40,7 @@ SAMPLERS = ("gamma_mu", *PRESETS, "dpmpp_2m", "heun", "reverse_sde")
 class Guidance(Protocol):
     """The guidance protocol: return the guided ε at ``(x, sigma)``.
 
-    A score correction G(x, σ) gives ``eps − σ·G`` (DESIGN.md §1); classifier-free guidance replaces
+    A score correction G(x, σ) gives ``eps − σ·G``; classifier-free guidance replaces
     ε altogether. The guidance calls ``model`` itself (it may need gradients through it), and is
     called inside ``torch.no_grad()``: it enables gradients where it needs them.
     """
@@ -65,6 +68,12 @@ class Step:
         return self.x_t - self.sigma * self.eps
 
 
+def progress_off(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for optidiff's ``progress`` option: True shows a bar, False hides it,
+    None (the default of every optidiff function and command) shows it when stderr is a terminal."""
+    return None if progress is None else not progress
+
+
 def check_sigmas(sigmas: Tensor) -> Tensor:
     """Validate a sampling grid: 1-D, ≥ 2 entries, finite, strictly decreasing, positive except a
     final 0."""
@@ -79,6 +88,15 @@ def check_sigmas(sigmas: Tensor) -> Tensor:
     if sigmas[-1] < 0:
         raise ValueError(f"sigmas must be >= 0, got final sigma {sigmas[-1].item()}")
     return sigmas
+
+
+def check_gamma_mu(gamma: float, mu: float) -> tuple[float, float]:
+    """(γ, μ) as floats if γ is finite and > 0 and μ ∈ [0, 1); a ValueError naming them otherwise."""
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma must be finite and > 0, got gamma={gamma!r}")
+    if not (isinstance(mu, (int, float)) and 0.0 <= mu < 1.0):
+        raise ValueError(f"mu must be in [0, 1), got mu={mu!r}")
+    return float(gamma), float(mu)
 
 
 def resolve_sampler(sampler: str, gamma: float | None, mu: float | None) -> tuple[float, float]:
@@ -106,11 +124,7 @@ def resolve_sampler(sampler: str, gamma: float | None, mu: float | None) -> tupl
             raise ValueError(f"gamma and mu belong to the (gamma, mu) family; sampler={sampler!r} "
                              f"takes neither (got gamma={gamma}, mu={mu})")
         return 1.0, 0.0
-    if not (math.isfinite(gamma) and gamma > 0):
-        raise ValueError(f"gamma must be finite and > 0, got gamma={gamma}")
-    if not 0.0 <= mu < 1.0:
-        raise ValueError(f"mu must be in [0, 1), got mu={mu}")
-    return float(gamma), float(mu)
+    return check_gamma_mu(gamma, mu)
 
 
 def _initial_x(model: Model, sigma_max: Tensor, batch_size: int | None, x_init: Tensor | None,
@@ -165,11 +179,16 @@ def _eps(model: Model, x: Tensor, sigma: Tensor, cond: Any, guidance: Guidance |
 def sample_iter(model: Model, sigmas: Tensor, *, batch_size: int | None = None,
                 x_init: Tensor | None = None, gamma: float | None = None, mu: float | None = None,
                 sampler: str = "gamma_mu", guidance: Guidance | None = None, cond: Any = None,
-                generator: torch.Generator | None = None, chunk_size: int | None = None,
-                dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                progress: bool = False) -> Iterator[Step]:
+                generator: torch.Generator | None = None, seed: int | None = None,
+                chunk_size: int | None = None, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None,
+                progress: bool | None = None) -> Iterator[Step]:
     """Run a sampler and yield a :class:`Step` after every step (see :func:`sample` for arguments)."""
     gamma, mu = resolve_sampler(sampler, gamma, mu)
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give generator= or seed=, not both")
+        generator = rng.generator(seed, device or "cpu")
     sigmas = check_sigmas(sigmas)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
@@ -183,7 +202,8 @@ def sample_iter(model: Model, sigmas: Tensor, *, batch_size: int | None = None,
     it = (steps(eps_fn, x, sigmas, generator) if steps
           else _gamma_mu(eps_fn, x, sigmas, gamma, mu, generator))
     # no_grad wraps each step, not the generator: grad mode must not leak to the caller between steps
-    with tqdm(total=len(sigmas) - 1, disable=not progress, desc=sampler, leave=False) as bar:
+    with tqdm(total=len(sigmas) - 1, disable=progress_off(progress), desc=sampler,
+              leave=False) as bar:
         while True:
             with torch.no_grad():
                 step = next(it, None)
@@ -206,10 +226,12 @@ def sample(model: Model, sigmas: Tensor, **kwargs: Any) -> Tensor:
             or the peers ``"dpmpp_2m"``, ``"heun"``, ``"reverse_sde"``.
         guidance: a :class:`Guidance` (see ``optidiff.guidance``).
         cond: conditioning passed to the model.
-        generator: the only source of randomness (initial noise and μ/SDE noise).
+        generator, seed: the only source of randomness (initial noise and μ/SDE noise); a
+            ``seed`` makes a generator on ``device``. Without either, torch's global RNG is used.
         chunk_size: evaluate the unguided model in batch chunks of this size.
         dtype, device: of the initial noise when ``x_init`` is not given.
-        progress: show a progress bar.
+        progress: show a progress bar (``None``, the default everywhere in optidiff: when
+            stderr is a terminal).
 
     Returns the final state at ``sigmas[-1]`` (the denoised sample when it is 0). With ``x_init``,
     μ = 0 and a deterministic guidance and sampler, the result is deterministic.
@@ -223,7 +245,7 @@ def sample(model: Model, sigmas: Tensor, **kwargs: Any) -> Tensor:
 def gamma_mu_step(x: Tensor, sigma: float, sigma_next: float, eps: Tensor,
                   eps_prev: Tensor | None, gamma: float, mu: float,
                   noise: Tensor | None = None) -> Tensor:
-    """One step x_t → x_{t−1} of the (γ, μ) family (seed 003, eq. 12 and its stochastic form)::
+    """One step x_t → x_{t−1} of the (γ, μ) family (Permenter & Yuan (ICML 2024), eq. 12 and its stochastic form)::
 
         ebar    = eps (first step, eps_prev None),  γ·eps + (1−γ)·eps_prev  (afterwards)
         σ'      = (σ_{t−1} / σ_t^μ)^{1/(1−μ)}
@@ -241,7 +263,7 @@ def gamma_mu_step(x: Tensor, sigma: float, sigma_next: float, eps: Tensor,
 
 
 def _gamma_mu(eps_fn, x, sigmas, gamma, mu, generator) -> Iterator[Step]:
-    """The (γ, μ) family of seed 003: :func:`gamma_mu_step` with the previous raw ε."""
+    """The (γ, μ) family of Permenter & Yuan (ICML 2024): :func:`gamma_mu_step` with the previous raw ε."""
     eps_prev = None
     s = sigmas.tolist()
     for i, (sig, sig_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
@@ -302,7 +324,7 @@ def _heun(eps_fn, x, sigmas, generator) -> Iterator[Step]:
 
 
 def _reverse_sde(eps_fn, x, sigmas, generator) -> Iterator[Step]:
-    """Euler–Maruyama on the reverse SDE of seed 002, ``dX← = [½X← + ∇log p_{T−t}(X←)]dt + dW̄``.
+    """Euler–Maruyama on the reverse SDE of the Wang & Chen tutorial, ``dX← = [½X← + ∇log p_{T−t}(X←)]dt + dW̄``.
 
     Run in VP coordinates z = x/√(1+σ²) with OU time t = log(1+σ²); the VP score is
     ``∇_z log p_t(z) = −√(1+σ²)·eps/σ``. With h = t_i − t_{i−1}:

@@ -2,11 +2,11 @@
 
 Every schedule is a table of training noise levels ``sigmas`` (increasing with the training index,
 length ``n``) plus ``sample_sigmas(steps)``, the decreasing grid a sampler walks. The conversions
-below are the only place where VP (DDPM) quantities meet σ (Permenter & Yuan, seed 003, §2):
+below are the only place where VP (DDPM) quantities meet σ (Permenter & Yuan, ICML 2024, §2):
 
     x = x0 + σ·ε  (VE)      z = √ᾱ·x0 + √(1−ᾱ)·ε  (VP)      σ² = (1 − ᾱ)/ᾱ,   z = x/√(1+σ²).
 
-The seeds' Ornstein–Uhlenbeck time t (seed 002, ``dX = −½X dt + dW``) has ᾱ = e^{−t}.
+The seeds' Ornstein–Uhlenbeck time t (the Wang & Chen tutorial, ``dX = −½X dt + dW``) has ᾱ = e^{−t}.
 """
 
 from __future__ import annotations
@@ -17,9 +17,20 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "sigma_to_alpha_bar", "alpha_bar_to_sigma", "sigma_to_ou_time", "ou_time_to_sigma",
-    "sigmas_from_betas", "vp_scale", "Schedule", "LogLinearSchedule", "DDPMSchedule",
-    "LDMSchedule", "CosineSchedule", "SigmoidSchedule", "KarrasSchedule", "trailing_indices",
+    "CosineSchedule",
+    "DDPMSchedule",
+    "KarrasSchedule",
+    "LDMSchedule",
+    "LogLinearSchedule",
+    "Schedule",
+    "SigmoidSchedule",
+    "alpha_bar_to_sigma",
+    "ou_time_to_sigma",
+    "sigma_to_alpha_bar",
+    "sigma_to_ou_time",
+    "sigmas_from_betas",
+    "trailing_indices",
+    "vp_scale",
 ]
 
 
@@ -34,7 +45,7 @@ def alpha_bar_to_sigma(alpha_bar: Tensor) -> Tensor:
 
 
 def sigma_to_ou_time(sigma: Tensor) -> Tensor:
-    """OU time of seed 002: ᾱ = e^{−t}, so t = log(1 + σ²)."""
+    """OU time of the Wang & Chen tutorial: ᾱ = e^{−t}, so t = log(1 + σ²)."""
     return torch.log1p(sigma**2)
 
 
@@ -49,7 +60,7 @@ def vp_scale(sigma: Tensor) -> Tensor:
 
 
 def sigmas_from_betas(betas: Tensor) -> Tensor:
-    """σ = √(1/∏(1 − β) − 1) for a DDPM β schedule (seed 003 / smalldiffusion)."""
+    """σ = √(1/∏(1 − β) − 1) for a DDPM β schedule (Permenter & Yuan (ICML 2024) / smalldiffusion)."""
     return (1.0 / torch.cumprod(1.0 - betas, dim=0) - 1.0).sqrt()
 
 
@@ -75,6 +86,11 @@ class Schedule:
             raise ValueError("sigmas must be finite and positive")
         if (sigmas[1:] <= sigmas[:-1]).any():
             raise ValueError("sigmas must be strictly increasing with the training index")
+        s32 = sigmas.float() ** 2
+        if not (torch.isfinite(s32).all() and (s32 > 0).all()):
+            raise ValueError(f"sigmas from {sigmas[0].item():.3g} to {sigmas[-1].item():.3g}: σ² "
+                             "must be finite and non-zero in float32, the samplers' default "
+                             "dtype")
         self.sigmas = sigmas
 
     def __len__(self) -> int:
@@ -114,7 +130,7 @@ def _check_range(sigma_min: float, sigma_max: float) -> None:
 
 
 class LogLinearSchedule(Schedule):
-    """σ geometrically spaced (Permenter & Yuan, seed 003 §4): a constant DDIM step size 1 − σ_{t−1}/σ_t."""
+    """σ geometrically spaced (Permenter & Yuan, ICML 2024 §4): a constant DDIM step size 1 − σ_{t−1}/σ_t."""
 
     def __init__(self, sigma_min: float = 0.02, sigma_max: float = 10.0, n: int = 1000):
         _check_range(sigma_min, sigma_max)

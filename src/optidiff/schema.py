@@ -1,13 +1,16 @@
-"""What the TOML-configured runs share: strict sections, checked names, readable errors.
+"""The machinery of the TOML configurations: strict sections, checked names, readable errors.
 
-The three configurations (``optidiff train`` in :mod:`optidiff.config`, ``optidiff optimize`` in
-:mod:`optidiff.runs`, offline runs in :mod:`optidiff.optimize.offline`) are pydantic models built
-from :class:`Section`; :func:`validate` turns every problem into one :class:`ConfigError` that
-names the source, the field path (``train.lr``) and the offending value, before any work starts.
+The schemas themselves are in :mod:`optidiff.config`; they are pydantic models built from
+:class:`Section`. :func:`validate` turns every problem into one :class:`ConfigError` that names the
+source, the field path (``train.lr``) and the offending value, before any work starts;
+:func:`read_toml` reads a file (any unreadable, non-UTF-8 or malformed file is a ConfigError
+naming it); :func:`move_keys` carries a deprecated spelling over to the current one with a
+DeprecationWarning.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection
 from functools import partial
 from pathlib import Path
@@ -20,7 +23,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["ConfigError", "RunName", "Section", "choice", "one_of", "read_toml", "validate"]
+__all__ = [
+    "ConfigError",
+    "RunName",
+    "Section",
+    "Seed",
+    "choice",
+    "move_keys",
+    "one_of",
+    "read_toml",
+    "validate",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -36,7 +49,9 @@ class Section(BaseModel):
 
 
 #: a run's name: it names the run directory ``runs/<name>-<time>``
-RunName = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+RunName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
+#: a seed: an integer in [0, 2⁶³) (``torch.Generator.manual_seed`` takes 64 bits)
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 def one_of(value: str, choices: Collection[str], what: str) -> str:
@@ -81,9 +96,38 @@ def read_toml(path: str | Path, error: type[ConfigError] = ConfigError) -> dict[
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: a config file must be UTF-8 text ({e.reason} at byte "
+                    f"{e.start})") from None
     except OSError as e:
         raise error(f"{path}: cannot read config file ({e.strerror or e})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise error(f"{path}: malformed TOML: {e}") from None
+
+
+def move_keys(data: dict[str, Any], moves: list[tuple[str, str]], source: str) -> dict[str, Any]:
+    """A copy of ``data`` with each deprecated key path ``old`` (``"section.key"`` or
+    ``"section"``) moved to ``new``, with a DeprecationWarning naming both; giving both spellings
+    is a ConfigError."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for old, new in moves:
+        (osec, _, okey), (nsec, _, nkey) = old.partition("."), new.partition(".")
+        holder = out.get(osec) if okey else out
+        name = okey or osec
+        if not isinstance(holder, dict) or name not in holder:
+            continue
+        value = holder.pop(name)
+        if okey and not holder and osec != nsec:
+            out.pop(osec)
+        target = out.setdefault(nsec, {}) if nkey else out
+        if not isinstance(target, dict):
+            raise ConfigError(f"{source}: {nsec} must be a table, got {target!r}")
+        key = nkey or nsec
+        if key in target:
+            raise ConfigError(f"{source}: give {new} (the new name of {old}), not both")
+        target[key] = value
+        warnings.warn(f"{source}: {old} is deprecated; write {new}", DeprecationWarning,
+                      stacklevel=3)
+    return out

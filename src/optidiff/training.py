@@ -1,9 +1,9 @@
-"""Denoising score matching, the training loop (EMA, DDP, exact resume) and model files.
+"""Denoising score matching and the training loop (EMA, DDP, exact resume).
 
-Loss (Vincent 2011; seed 002 "score matching as regression"; ε-parametrisation of Ho et al. 2020):
-with ``x = x0 + σ·ε`` and score ``−eps/σ``, the DSM objective ``σ²·E‖s_θ(x, σ) + ε/σ‖²`` is
-``E‖eps_θ(x, σ) − ε‖²``. σ is drawn per sample uniformly from the indices of a discrete table
-(seed 003 trains on a discrete σ table, uniform index).
+Loss (Vincent 2011; the "score matching as regression" view of the Wang & Chen tutorial;
+ε-parametrisation of Ho et al. 2020): with ``x = x0 + σ·ε`` and score ``−eps/σ``, the DSM objective
+``σ²·E‖s_θ(x, σ) + ε/σ‖²`` is ``E‖eps_θ(x, σ) − ε‖²``. σ is drawn per sample uniformly from the
+indices of a discrete table (as Permenter & Yuan, ICML 2024, train on a discrete σ table).
 
 Randomness: two ``torch.Generator``'s derived from ``(seed, rank)``: one on the data's device for
 batch indices, one on the training device for σ indices, noise and condition dropout. Their states
@@ -13,8 +13,6 @@ are saved in every checkpoint, so a resumed run repeats the draws of an uninterr
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import time
@@ -28,71 +26,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, has_checkpoint, load_checkpoint, optimizer_from_tensors,
-                         optimizer_to_tensors, pack, save_checkpoint, set_generator_state, unpack)
+from . import rng
+from .checkpoint import (
+    CheckpointError,
+    append_jsonl,
+    flatten_state,
+    has_checkpoint,
+    load_checkpoint,
+    pack,
+    read_jsonl,
+    save_checkpoint,
+    set_generator_state,
+    unflatten_state,
+    unpack,
+    write_jsonl,
+)
 from .models.base import sigma_like
-from .classifiers import NoiseConditionalClassifier
-from .models.conditional import ConditionalMLP
-from .models.mlp import TimeMLP
-from .models.unet import UNet
+from .models.registry import load_model, model_to_config, save_model
+from .sampling import progress_off
 from .schedules import LogLinearSchedule, Schedule
 
-__all__ = ["dsm_loss", "train", "TrainResult", "register_model", "model_to_config",
-           "model_from_config", "save_model", "load_model"]
-
-# ----------------------------------------------------------------------------------------------
-# model files: weights (safetensors) + constructor config (JSON)
-
-#: the library's trainable networks; other classes join with :func:`register_model`
-_MODELS: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (TimeMLP, ConditionalMLP, UNet, NoiseConditionalClassifier)}
-
-
-def register_model(cls: type[nn.Module]) -> type[nn.Module]:
-    """Make ``cls`` loadable by name (usable as a decorator). ``cls`` needs a ``config`` property
-    returning its constructor's keyword arguments as a JSON-able dict."""
-    _MODELS[cls.__name__] = cls
-    return cls
-
-
-def model_to_config(model: nn.Module) -> dict[str, Any]:
-    """``{"class": name, "config": model.config}`` for a registered model class."""
-    name = type(model).__name__
-    if _MODELS.get(name) is not type(model) or not hasattr(model, "config"):
-        raise ValueError(f"model class {name!r} is not registered or has no `config`; use "
-                         f"register_model (registered: {sorted(_MODELS)})")
-    return {"class": name, "config": model.config}
-
-
-def model_from_config(config: dict[str, Any]) -> nn.Module:
-    """Rebuild a freshly initialised model from :func:`model_to_config`'s dict."""
-    if not isinstance(config, dict) or config.get("class") not in _MODELS:
-        raise ValueError(f"config must name a registered model class {sorted(_MODELS)}, got "
-                         f"{config!r}")
-    return _MODELS[config["class"]](**config.get("config", {}))
-
-
-def save_model(path: str | os.PathLike, model: nn.Module) -> Path:
-    """Save weights (``model.*`` tensors) and config to the checkpoint directory ``path``."""
-    return save_checkpoint(path, pack("model.", model.state_dict()),
-                           {"kind": "model", "model": model_to_config(model)})
-
-
-def load_model(path: str | os.PathLike, *, ema: bool | None = None,
-               device: torch.device | str | None = None) -> nn.Module:
-    """Load a model saved by :func:`save_model` or a training checkpoint (``run_dir/checkpoint``),
-    in eval mode. ``ema``: use the EMA weights of a training checkpoint (default: when present)."""
-    tensors, meta = load_checkpoint(path)
-    if not meta.get("model"):
-        raise CheckpointError(f"checkpoint {str(path)!r} has no model config (unregistered model "
-                              f"class); build the model and use load_checkpoint")
-    has_ema = any(k.startswith("ema.") for k in tensors)
-    if ema and not has_ema:
-        raise ValueError(f"ema=True but checkpoint {str(path)!r} holds no EMA weights")
-    model = model_from_config(meta["model"])
-    model.load_state_dict(unpack(tensors, "ema." if has_ema and ema is not False else "model."))
-    return model.to(device or "cpu").eval()
-
+__all__ = ["TrainResult", "dsm_loss", "load_model", "save_model", "train"]
 
 # ----------------------------------------------------------------------------------------------
 # loss
@@ -128,12 +82,6 @@ class TrainResult:
     run_dir: Path | None = None
 
 
-def _derive_seed(seed: int, rank: int, stream: str) -> int:
-    """Independent 63-bit seeds for each (seed, rank, stream)."""
-    digest = hashlib.sha256(f"optidiff:{seed}:{rank}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def _sigma_table(schedule: Schedule | Tensor | None) -> Tensor:
     table = LogLinearSchedule() if schedule is None else schedule
     table = torch.as_tensor(getattr(table, "sigmas", table), dtype=torch.float64).cpu()
@@ -156,8 +104,7 @@ def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_deca
     positive_int("log_every", log_every)
     if checkpoint_every is not None:
         positive_int("checkpoint_every", checkpoint_every)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got seed={seed!r}")
+    rng.check_seed(seed)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be positive and finite, got lr={lr!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
@@ -213,7 +160,7 @@ def train(model: nn.Module, data: Tensor, *, steps: int, batch_size: int = 256, 
           ema_decay: float = 0.999, grad_clip: float | None = 1.0, seed: int = 0,
           cond: Tensor | None = None, cond_drop: float = 0.0,
           run_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-          resume: bool = False, progress: bool = True, log_every: int = 100,
+          resume: bool = False, progress: bool | None = None, log_every: int = 100,
           device: torch.device | str | None = None) -> TrainResult:
     """Train an ε-model by denoising score matching (:func:`dsm_loss`) with AdamW.
 
@@ -234,8 +181,8 @@ def train(model: nn.Module, data: Tensor, *, steps: int, batch_size: int = 256, 
     ``run_dir/checkpoint`` (see :mod:`optidiff.checkpoint`) is written every ``checkpoint_every``
     steps and at the end, with model, EMA, optimizer, generator states, losses and settings.
     ``resume=True`` continues from that checkpoint (or starts afresh if there is none) and ends
-    with bitwise the same result as an uninterrupted run; without it an existing checkpoint is
-    an error, so nothing is overwritten by accident.
+    with bitwise the same result as an uninterrupted run, logging the same losses; without it an
+    existing checkpoint is an error, so nothing is overwritten by accident.
 
     Distributed: under ``torchrun`` (WORLD_SIZE > 1) the process group is initialised (gloo on
     CPU, nccl on CUDA, device ``cuda:LOCAL_RANK``), the model wrapped in DistributedDataParallel,
@@ -279,8 +226,8 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
         model, device_ids=[device.index] if device.type == "cuda" else None)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g_data = torch.Generator(shard.device).manual_seed(_derive_seed(seed, rank, "data"))
-    g_noise = torch.Generator(device).manual_seed(_derive_seed(seed, rank, "noise"))
+    g_data = rng.generator(rng.derive_seed("optidiff", seed, rank, "data"), shard.device)
+    g_noise = rng.generator(rng.derive_seed("optidiff", seed, rank, "noise"), device)
     losses: list[float] = []
     start = 0
     ckpt_dir = None if run_dir is None else run_dir / "checkpoint"
@@ -294,11 +241,13 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
     params, ema_params = list(model.parameters()), list(ema.parameters())
     sigmas = table.to(device=device, dtype=dtype)
     writer = rank == 0 and run_dir is not None
-    metrics = _open_metrics(run_dir, start) if writer else None
-    bar = tqdm(total=steps, initial=start, desc="train", disable=not progress or rank != 0,
-               dynamic_ncols=True)
+    if writer:  # records after the last full log interval are logged again, over that interval
+        _trim_metrics(run_dir, start - start % log_every)
+    bar = tqdm(total=steps, initial=start, desc="train",
+               disable=True if rank != 0 else progress_off(progress), dynamic_ncols=True)
     pending: list[Tensor] = []
-    last_log, t0 = start, time.perf_counter()
+    # a resumed run's log window starts where the uninterrupted run's did, so it logs the same mean
+    last_log, t0 = start - start % log_every, time.perf_counter()
     model.train()
     try:
         for t in range(start, steps):
@@ -333,10 +282,10 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
             if is_log:
                 rate = (done - last_log) / (time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{mean:.4g}")
-                if metrics is not None:
-                    metrics.write(json.dumps({"step": done, "loss": mean, "steps_per_s": rate,
-                                              "elapsed_s": time.perf_counter() - t0}) + "\n")
-                    metrics.flush()
+                if writer:
+                    append_jsonl(run_dir / "metrics.jsonl",
+                                 {"step": done, "loss": mean, "steps_per_s": rate,
+                                  "elapsed_s": time.perf_counter() - t0})
                 last_log, t0 = done, time.perf_counter()
             if is_ckpt:
                 _copy_buffers(model, ema)
@@ -344,8 +293,6 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
                       table, rank, world, device)
     finally:
         bar.close()
-        if metrics is not None:
-            metrics.close()
     _copy_buffers(model, ema)
     return TrainResult(model=model, ema=ema, optimizer=optimizer, losses=losses, step=steps,
                        run_dir=run_dir)
@@ -378,23 +325,13 @@ def _copy_buffers(model: nn.Module, ema: nn.Module) -> None:
         b_ema.copy_(b)
 
 
-def _open_metrics(run_dir: Path, start: int):
-    """metrics.jsonl opened for appending, keeping only the records up to step ``start`` (a
-    resumed run drops what was logged after its checkpoint, and a half-written last line)."""
-
-    def step_of(line: str) -> float:
-        try:
-            return json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return math.inf
-
+def _trim_metrics(run_dir: Path, start: int) -> None:
+    """Keep only the training records up to step ``start`` in metrics.jsonl (a resumed run drops
+    what was logged after its checkpoint, and a half-written last line)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "metrics.jsonl"
-    kept = []
-    if start > 0 and path.exists():
-        kept = [line for line in path.read_text().splitlines() if step_of(line) <= start]
-    path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a", encoding="utf-8")
+    kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= start]
+    write_jsonl(path, kept if start > 0 else [])
 
 
 def _save(ckpt_dir, model, ema, optimizer, generators, losses, step, settings, table, rank, world,
@@ -412,7 +349,8 @@ def _save(ckpt_dir, model, ema, optimizer, generators, losses, step, settings, t
             states[f"rng.{name}.0"] = s
     if rank != 0:
         return
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer.state_dict())
+    opt_tensors: dict[str, Tensor] = {}
+    opt_meta = flatten_state(optimizer.state_dict(), opt_tensors, prefix="optim")
     tensors = {**pack("model.", model.state_dict()), **pack("ema.", ema.state_dict()),
                **opt_tensors, **states, "losses": torch.tensor(losses, dtype=torch.float64),
                "sigmas": table}
@@ -444,7 +382,11 @@ def _restore(ckpt_dir, model, ema, optimizer, generators, rank, settings, table,
         ema.load_state_dict(unpack(tensors, "ema."))
     except RuntimeError as e:
         raise ValueError(f"checkpoint {str(ckpt_dir)!r} does not fit the model: {e}") from None
-    optimizer.load_state_dict(optimizer_from_tensors(tensors, meta["optimizer"]))
+    try:
+        optimizer.load_state_dict(unflatten_state(meta["optimizer"], tensors))
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: the optimizer state does not fit "
+                              f"({e})") from None
     for name, g in zip(("data", "noise"), generators):
         key = f"rng.{name}.{rank}"
         if key not in tensors:

@@ -1,12 +1,24 @@
-"""Models: the contract and adapters (base), exact denoisers (analytic), trainable networks."""
+"""Models: the contract and adapters (base), exact denoisers (analytic), trainable networks
+(mlp, conditional, unet, classifiers) and the registry that saves and loads them (registry).
 
-from .analytic import (EmpiricalDenoiser, GaussianDenoiser, GaussianMixtureDenoiser,
-                       SubspaceGaussianDenoiser)
+``optidiff.models.diffusers`` (the diffusers adapters) is imported explicitly, never from here.
+"""
+
+from .analytic import (
+                       EmpiricalDenoiser,
+                       GaussianDenoiser,
+                       GaussianMixtureDenoiser,
+                       SubspaceGaussianDenoiser,
+)
 from .base import PREDICTION_TYPES, VPModel, X0Model, sigma_like, x0_hat
+from .classifiers import DigitClassifier, NoiseConditionalClassifier, train_classifier
 from .conditional import ConditionalMLP
 from .mlp import SigmaEmbedding, TimeMLP
+from .registry import load_model, model_from_config, model_to_config, register_model, save_model
 from .unet import UNet
 
-__all__ = ["GaussianDenoiser", "SubspaceGaussianDenoiser", "GaussianMixtureDenoiser",
-           "EmpiricalDenoiser", "TimeMLP", "ConditionalMLP", "UNet", "SigmaEmbedding", "VPModel", "X0Model", "sigma_like",
-           "x0_hat", "PREDICTION_TYPES"]
+__all__ = ["PREDICTION_TYPES", "ConditionalMLP", "DigitClassifier", "EmpiricalDenoiser",
+           "GaussianDenoiser", "GaussianMixtureDenoiser", "NoiseConditionalClassifier",
+           "SigmaEmbedding", "SubspaceGaussianDenoiser", "TimeMLP", "UNet", "VPModel", "X0Model",
+           "load_model", "model_from_config", "model_to_config", "register_model", "save_model",
+           "sigma_like", "train_classifier", "x0_hat"]

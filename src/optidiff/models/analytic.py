@@ -1,14 +1,14 @@
 """Exact denoisers: E[x0 | x0 + σ·ε = x] in closed form (test oracles and cheap testbeds).
 
 Each returns ε = (x − x0_hat)/σ, so Tweedie's formula recovers the exact posterior mean.
-Formulas (DESIGN.md §3.3):
+Formulas:
 
 - Gaussian N(m, Σ), Σ = U diag(λ) Uᵀ:  x0_hat = m + U diag(λ/(λ+σ²)) Uᵀ (x − m).
 - Subspace x0 = A·u (A orthonormal columns): the posterior depends on x only through Aᵀx = u + σ·ε_d,
-  so x0_hat = A·E[u | Aᵀx] (a latent denoiser in R^d); its score splits (seed 002) into the on-subspace
+  so x0_hat = A·E[u | Aᵀx] (a latent denoiser in R^d); its score splits (the Wang & Chen tutorial) into the on-subspace
   part A∇log p^u_σ(Aᵀx) and the off-subspace pull −(I − AAᵀ)x/σ².
 - Mixture Σ π_k N(m_k, Σ_k): x0_hat = Σ_k r_k(x)·x0_hat_k(x), r_k ∝ π_k N(x; m_k, Σ_k + σ²I).
-- Empirical ("ideal") denoiser of a finite set K (seed 003): x0_hat = Σ_i softmax_i(−‖x − x_i‖²/2σ²)·x_i,
+- Empirical ("ideal") denoiser of a finite set K (Permenter & Yuan (ICML 2024)): x0_hat = Σ_i softmax_i(−‖x − x_i‖²/2σ²)·x_i,
   which satisfies σ·ε = ½∇ₓ dist²_K(x, σ) with dist²_K(x, σ) = −2σ² log Σ_i exp(−‖x − x_i‖²/2σ²)
   (a softmin of the squared distances; it tends to min_i ‖x − x_i‖² as σ → 0).
 """
@@ -24,8 +24,14 @@ from torch import Tensor, nn
 
 from .base import sigma_like
 
-__all__ = ["ExactDenoiser", "GaussianDenoiser", "SubspaceDenoiser", "SubspaceGaussianDenoiser",
-           "GaussianMixtureDenoiser", "EmpiricalDenoiser"]
+__all__ = [
+    "EmpiricalDenoiser",
+    "ExactDenoiser",
+    "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
+    "SubspaceDenoiser",
+    "SubspaceGaussianDenoiser",
+]
 
 
 def _as64(t: Any) -> Tensor:
@@ -114,7 +120,7 @@ class SubspaceDenoiser(ExactDenoiser):
 
 
 class SubspaceGaussianDenoiser(SubspaceDenoiser):
-    """Subspace data with Gaussian latent u ~ N(latent_mean, latent_cov) (seed 000, Assumption 1)."""
+    """Subspace data with Gaussian latent u ~ N(latent_mean, latent_cov) (Guo et al., NeurIPS 2024, Assumption 1)."""
 
     def __init__(self, A: Tensor, latent_cov: Tensor | None = None,
                  latent_mean: Tensor | None = None):
@@ -155,7 +161,7 @@ class GaussianMixtureDenoiser(ExactDenoiser):
 
 
 class EmpiricalDenoiser(ExactDenoiser):
-    """The ideal denoiser of a finite data set (seed 003, smalldiffusion's ``IdealDenoiser``).
+    """The ideal denoiser of a finite data set (Permenter & Yuan (ICML 2024), smalldiffusion's ``IdealDenoiser``).
 
     Cost O(N·B·D) time and O(N·B) memory per call.
     """

@@ -8,16 +8,39 @@ Tweedie's denoised estimate is ``x0_hat = x − σ·eps`` and the score is ``−
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..schedules import alpha_bar_to_sigma, vp_scale
 
-__all__ = ["sigma_like", "x0_hat", "VPModel", "X0Model", "PREDICTION_TYPES"]
+__all__ = ["PREDICTION_TYPES", "VPModel", "X0Model", "check_prediction_type", "sigma_like",
+           "vp_output_to_eps", "x0_hat"]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    """``prediction_type`` if it is one of :data:`PREDICTION_TYPES`, else a ValueError."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
+                         f"{prediction_type!r}")
+    return prediction_type
+
+
+def vp_output_to_eps(prediction_type: str, output: Tensor, z: Tensor, alpha_bar: Tensor) -> Tensor:
+    """ε from a VP network's output at the latent ``z`` with ``a = √ᾱ``, ``s = √(1−ᾱ)``:
+
+    - ``"epsilon"``: ε as is;
+    - ``"sample"`` (x0-prediction): ``ε = (z − a·x0)/s``;
+    - ``"v_prediction"`` (Salimans & Ho 2022, ``v = a·ε − s·x0``): ``ε = a·v + s·z``.
+    """
+    if prediction_type == "epsilon":
+        return output
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return (z - a * output) / s if prediction_type == "sample" else a * output + s * z
 
 
 def sigma_like(sigma: Tensor | float, x: Tensor) -> Tensor:
@@ -40,23 +63,16 @@ class VPModel(nn.Module):
     """Turn a discrete-time VP network ``net(z, t) -> output`` (a DDPM or diffusers UNet) into an
     optidiff model.
 
-    The network sees ``z = x/√(1+σ²)`` (seed 003 §2: z = √ᾱ·x) and the training index t whose σ
-    is nearest to the requested σ (in log σ). Its output is converted to ε by prediction type, with
-    ``a = √ᾱ_t``, ``s = √(1−ᾱ_t)`` of that index:
-
-    - ``"epsilon"``: ε as is;
-    - ``"sample"`` (x0-prediction): ``ε = (z − a·x0)/s``;
-    - ``"v_prediction"`` (Salimans & Ho 2022, ``v = a·ε − s·x0``): ``ε = a·v + s·z``.
+    The network sees ``z = x/√(1+σ²)`` (Permenter & Yuan (ICML 2024) §2: z = √ᾱ·x) and the training index t whose σ
+    is nearest to the requested σ (in log σ). Its output is converted to ε by prediction type
+    (:func:`vp_output_to_eps` with ᾱ of that index).
     """
 
     def __init__(self, net: Callable[..., Tensor], alphas_cumprod: Tensor, *,
                  prediction_type: str = "epsilon", input_shape: tuple[int, ...] | None = None):
         super().__init__()
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
-                             f"{prediction_type!r}")
         self.net = net
-        self.prediction_type = prediction_type
+        self.prediction_type = check_prediction_type(prediction_type)
         self.input_shape = input_shape
         abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         self.register_buffer("alphas_cumprod", abar, persistent=False)
@@ -78,10 +94,7 @@ class VPModel(nn.Module):
         if self.prediction_type == "epsilon":
             return out
         abar = sigma_like(self.alphas_cumprod[t].to(x.dtype), x)
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        if self.prediction_type == "sample":
-            return (z - a * out) / s
-        return a * out + s * z
+        return vp_output_to_eps(self.prediction_type, out, z, abar)
 
 
 class X0Model(nn.Module):

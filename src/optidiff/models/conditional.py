@@ -4,7 +4,7 @@ Seed 002's offline reward maximization trains ``s(x, y, t)`` on pseudo-labelled 
 at ``y = a``; DDOM (Krishnamoorthy et al. 2023) does the same with condition dropout so that one
 network also gives the unconditional score for classifier-free guidance. DDOM drops y to 0,
 which coincides with the mean of its z-scored labels; here a dropped condition is a separate
-**learned null embedding** (``research/offline_mbo.md`` §2.1), used for ``cond=None`` and for
+**learned null embedding** (as DDOM's code drops it to a fixed value, here learned), used for ``cond=None`` and for
 every row of ``cond`` that contains a NaN (the null condition :func:`optidiff.train` writes for
 float conditions).
 """
@@ -19,10 +19,12 @@ from torch import Tensor, nn
 
 from .base import sigma_like
 from .mlp import SigmaEmbedding
+from .registry import register_model
 
 __all__ = ["ConditionalMLP"]
 
 
+@register_model
 class ConditionalMLP(nn.Module):
     """MLP ε-model conditioned on a continuous value ``y`` of shape ``(B,)`` or ``(B, k)``.
 
@@ -49,9 +51,6 @@ class ConditionalMLP(nn.Module):
                              f"{dim}, {cond_dim}, {hidden}, {depth}, {cond_emb_dim}")
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        self._config = {"dim": dim, "cond_dim": cond_dim, "hidden": hidden, "depth": depth,
-                            "emb_dim": emb_dim, "cond_emb_dim": cond_emb_dim,
-                            "sigma_data": float(sigma_data)}
         self.input_shape = (dim,)
         self.cond_dim = cond_dim
         self.sigma_data = float(sigma_data)
@@ -64,11 +63,6 @@ class ConditionalMLP(nn.Module):
                                   for _ in range(depth))
         self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth - 1))
         self.out = nn.Linear(hidden, dim)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor's keyword arguments (JSON-able): ``ConditionalMLP(**m.config)``."""
-        return dict(self._config)
 
     def cond_embedding(self, cond: Any, batch: int, like: Tensor) -> Tensor:
         """``e_y`` per row (B, cond_emb_dim): the learned null vector for ``None`` or NaN rows."""

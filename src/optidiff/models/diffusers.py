@@ -3,7 +3,7 @@
 - :func:`from_diffusers` turns a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` and its
   scheduler into an optidiff model ``model(x, sigma, cond) -> eps`` (a :class:`~optidiff.models.VPModel`),
   so every optidiff sampler and guidance runs on it.
-- :class:`GradientEstimationScheduler` is the (γ, μ) sampler family of seed 003 as a diffusers
+- :class:`GradientEstimationScheduler` is the (γ, μ) sampler family of Permenter & Yuan (ICML 2024) as a diffusers
   scheduler, so every diffusers pipeline can sample with GE (or DDIM, or DDPM, or anything between).
 
 Import it explicitly (``from optidiff.models.diffusers import from_diffusers``): ``import optidiff``
@@ -29,6 +29,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("optidiff.models.diffusers needs the optional dependency diffusers: "
                       "pip install 'optidiff[diffusers]'") from err
 
+from ..sampling import check_gamma_mu, gamma_mu_step
 from ..schedules import (
     CosineSchedule,
     DDPMSchedule,
@@ -38,8 +39,7 @@ from ..schedules import (
     trailing_indices,
     vp_scale,
 )
-from ..sampling import gamma_mu_step
-from .base import PREDICTION_TYPES, VPModel, sigma_like
+from .base import VPModel, check_prediction_type, sigma_like, vp_output_to_eps
 
 __all__ = [
     "DiffusersNet",
@@ -155,7 +155,7 @@ _SPACINGS = ("trailing", "leading", "linspace")
 
 
 class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
-    """The (γ, μ) sampler family of Permenter & Yuan (seed 003) as a diffusers scheduler.
+    """The (γ, μ) sampler family of Permenter & Yuan, ICML 2024 as a diffusers scheduler.
 
     Drop it into any diffusers pipeline (``pipe.scheduler =
     GradientEstimationScheduler.from_config(pipe.scheduler.config)``): latents stay in VP
@@ -209,13 +209,8 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
                  trained_betas: Any = None, prediction_type: str = "epsilon",
                  gamma: float = 2.0, mu: float = 0.0, set_alpha_to_one: bool = False,
                  timestep_spacing: str = "trailing", steps_offset: int = 0):
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got "
-                             f"{prediction_type!r}")
-        if not (gamma > 0 and gamma < float("inf")):
-            raise ValueError(f"gamma must be finite and > 0, got gamma={gamma}")
-        if not 0.0 <= mu < 1.0:
-            raise ValueError(f"mu must be in [0, 1), got mu={mu}")
+        check_prediction_type(prediction_type)
+        check_gamma_mu(gamma, mu)
         if timestep_spacing not in _SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {_SPACINGS}, got {timestep_spacing!r}")
         if trained_betas is not None:
@@ -275,13 +270,6 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
                              f"{self.timesteps.tolist()}; call set_timesteps first")
         return int(hits[0, 0])
 
-    def _to_eps(self, model_output: Tensor, z: Tensor, abar: Tensor) -> Tensor:
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return model_output
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        return (z - a * model_output) / s if kind == "sample" else a * model_output + s * z
-
     def step(self, model_output: Tensor, timestep: Any, sample: Tensor,
              generator: torch.Generator | None = None,
              return_dict: bool = True) -> GradientEstimationSchedulerOutput | tuple:
@@ -302,7 +290,7 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
         dev, dt = sample.device, sample.dtype
         sig, sig_next = (s.to(device=dev, dtype=dt) for s in self.sigmas[i:i + 2])
         abar = self.alphas_cumprod[self.timesteps[i].cpu()].to(device=dev, dtype=dt)
-        eps = self._to_eps(model_output, sample, abar)
+        eps = vp_output_to_eps(self.config.prediction_type, model_output, sample, abar)
         x = sample / vp_scale(sig)
         noise = (randn_tensor(sample.shape, generator=generator, device=dev, dtype=dt)
                  if self.config.mu > 0 else None)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import sigma_like
+from .registry import register_model
 
 __all__ = ["SigmaEmbedding", "TimeMLP", "embed_sigma_and_label", "mlp_stack"]
 
@@ -52,10 +53,11 @@ def embed_sigma_and_label(embed: SigmaEmbedding, class_embed: nn.Embedding | Non
     return emb + class_embed(torch.where(labels < 0, null, labels))
 
 
+@register_model
 class TimeMLP(nn.Module):
     """MLP ε-model ``TimeMLP(dim)(x, σ, cond) -> eps`` for data of shape ``(B, dim)``.
 
-    The input is scaled by ``c_in = 1/√(σ² + σ_data²)`` (the VP scaling of seed 003 when
+    The input is scaled by ``c_in = 1/√(σ² + σ_data²)`` (the VP scaling of Permenter & Yuan (ICML 2024) when
     σ_data = 1), concatenated with the σ embedding (and a class embedding when ``num_classes`` is
     set; label −1 or ``cond=None`` is the null class used by classifier-free guidance) and fed through
     ``depth`` SiLU layers of width ``hidden``.
@@ -66,19 +68,12 @@ class TimeMLP(nn.Module):
         super().__init__()
         if dim < 1 or hidden < 1 or depth < 1:
             raise ValueError(f"dim, hidden and depth must be >= 1, got {dim}, {hidden}, {depth}")
-        self._config = {"dim": dim, "hidden": hidden, "depth": depth, "emb_dim": emb_dim,
-                        "sigma_data": sigma_data, "num_classes": num_classes}
         self.input_shape = (dim,)
         self.sigma_data = sigma_data
         self.num_classes = num_classes
         self.embed = SigmaEmbedding(emb_dim)
         self.class_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.net = mlp_stack(dim + emb_dim, hidden, depth, dim)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (JSON-able): ``TimeMLP(**m.config)`` rebuilds ``m``."""
-        return dict(self._config)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         sig = sigma_like(sigma, x)

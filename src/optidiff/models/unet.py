@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .base import sigma_like
 from .mlp import SigmaEmbedding, embed_sigma_and_label
+from .registry import register_model
 
 __all__ = ["UNet"]
 
@@ -56,6 +57,7 @@ class SelfAttention(nn.Module):
         return h + self.proj(out.transpose(-1, -2).reshape(b, c, height, width))
 
 
+@register_model
 class UNet(nn.Module):
     """U-Net ε-model ``UNet(image_size)(x, σ, cond) -> eps`` for images of shape ``(B, C, H, W)``.
 
@@ -93,11 +95,6 @@ class UNet(nn.Module):
         if any(c % groups for c in widths):
             raise ValueError(f"groups={groups} must divide every level width {widths}")
         emb_dim = emb_dim or 4 * channels
-        self._config = dict(image_size=image_size if isinstance(image_size, int) else [h, w],
-                            in_channels=in_channels, channels=channels,
-                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
-                            attention=attention, num_classes=num_classes, emb_dim=emb_dim,
-                            groups=groups, dropout=dropout, sigma_data=sigma_data)
         self.input_shape = (in_channels, h, w)
         self.sigma_data, self.num_classes = sigma_data, num_classes
         self.embed = nn.Sequential(SigmaEmbedding(channels), nn.Linear(channels, emb_dim),
@@ -128,11 +125,6 @@ class UNet(nn.Module):
                 self.up.append(nn.Conv2d(c, c, 3, padding=1))  # after a nearest-neighbour upsample
         self.out = nn.Sequential(nn.GroupNorm(groups, c), nn.SiLU(),
                                  nn.Conv2d(c, in_channels, 3, padding=1))
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor's keyword arguments (JSON-able): ``UNet(**m.config)`` rebuilds ``m``."""
-        return dict(self._config)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         if x.shape[1:] != self.input_shape:

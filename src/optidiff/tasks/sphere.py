@@ -1,4 +1,4 @@
-"""The ``sphere`` task of seed 000 (DESIGN.md §4; ``research/ggdm.md`` §6.1, the official
+"""The ``sphere`` task of Guo, Yuan, Yang, Chen & Wang (NeurIPS 2024, §6; their official code's
 ``unit_ball`` data, which is the unit sphere).
 
 Data: ``x = z/‖z‖``, ``z ~ N(0, I_64)``: uniform on the unit sphere S⁶³ (65,536 pre-training points,
@@ -8,7 +8,7 @@ support ``|‖x‖ − 1|`` (batch mean; the official code logs the signed ``‖
 here as ``norm_minus_one``).
 
 References: the on-sphere maximum 1; the pre-training data have mean 0 and covariance I/64, so the
-Gaussian (linear-score) surrogate of seed 000's Theorem 2 gives x_λ* = θ/(64λ) (value 1/(64λ),
+Gaussian (linear-score) surrogate of their Theorem 2 gives x_λ* = θ/(64λ) (value 1/(64λ),
 off the sphere for λ ≠ 1/64): only a reference for the regime where the theorem's linear-score
 assumption holds, which the sphere does not satisfy.
 """
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from .. import rng
 from ..optimize.objectives import Objective
 from ..optimize.reference import increment_to_lambda
+from .base import check_objective
 
 __all__ = ["OBJECTIVES", "SphereTask"]
 
@@ -35,19 +37,25 @@ OBJECTIVES = ("linear",)
 class SphereTask:
     """Seeded instance of the sphere task (see the module docstring)."""
 
+    name: ClassVar[str] = "sphere"
+    objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
+    plot_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("norm_deviation", "|‖x‖ − 1|"),)
     seed: int = 0
     n_pretrain: int = N_PRETRAIN
-    name: str = "sphere"
-    theta: Tensor = field(init=False)
+    theta: Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        g = torch.Generator().manual_seed(self.seed)
+        g = rng.generator(self.seed)
         t = torch.randn(D, generator=g, dtype=torch.float64)
         self.theta = t / t.norm()
 
     @property
     def dim(self) -> int:
         return D
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (D,)
 
     @property
     def data_scale(self) -> float:
@@ -69,10 +77,7 @@ class SphereTask:
         return torch.eye(D, dtype=torch.float64) / D
 
     def _check(self, name: str) -> str:
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r} for task 'sphere'; choose one of "
-                             f"{', '.join(OBJECTIVES)}")
-        return name
+        return check_objective(self, name)
 
     def objective_fn(self, name: str = "linear"):
         self._check(name)
@@ -88,6 +93,12 @@ class SphereTask:
     def global_max(self, name: str = "linear") -> float:
         self._check(name)
         return 1.0
+
+    def projection(self, objective: str, x: Tensor) -> tuple[Tensor, str, str]:
+        """(θᵀx, ‖x‖) of each sample."""
+        self._check(objective)
+        x = x.detach().double().flatten(1)
+        return torch.stack([x @ self.theta, x.norm(dim=1)], 1), "θᵀx", "‖x‖"
 
     def metrics(self, x: Tensor) -> dict[str, float]:
         """``norm_deviation`` = mean |‖x‖ − 1|, ``norm_minus_one`` = mean (‖x‖ − 1)."""

@@ -1,10 +1,15 @@
-"""The ``subspace`` task of seed 000 (DESIGN.md §4; the official settings in ``research/ggdm.md`` §6.1).
+"""The ``subspace`` tasks: data on a low-dimensional linear subspace.
+
+``subspace`` is the task of Guo, Yuan, Yang, Chen & Wang (NeurIPS 2024, "Gradient guidance for
+diffusion models: an optimization perspective", §6 and their official code's settings);
+``linear_subspace`` is the offline reward-maximization simulation of Yuan et al. (NeurIPS 2023,
+"Reward-directed conditional diffusion"; see :class:`LinearSubspaceTask`).
 
 Data: ``x = A·u`` in R^D with D = 64, d = 16, ``u ~ N(0, I_16)``, A the first 16 columns of a
 seeded Haar-random orthogonal 64×64 matrix (QR of a Gaussian matrix with the signs of R's diagonal
 fixed, Mezzadri 2007, as ``scipy.stats.ortho_group``); 65,536 pre-training points.
 
-Objectives (``research/ggdm.md`` §6.1):
+Objectives (the official code's ``theta_1``, ``theta_2``, ``b_1``, ``b_2``):
 
 - ``f1_off``: ``f1(x) = 10 − (θᵀx − 3)²`` with θ of unit norm and ‖θ⊥‖/‖θ∥‖ = 9 (the official
   ``theta_2``, the default): θ = (A·v/‖v‖ + 9·P⊥w/‖P⊥w‖)/√82;
@@ -20,63 +25,56 @@ Metrics: the off-subspace ratio ``‖(I − AAᵀ)x‖/‖AAᵀx‖`` per sample
 ``off_support_ratio`` (:func:`optidiff.metrics.off_subspace_ratio`).
 
 Closed-form references (:meth:`SubspaceTask.reference`): the global maximum, the in-subspace
-optimum (λ → 0) and the regularized optimum x_λ* of seed 000's Theorem 2 with the pre-training
+optimum (λ → 0) and the regularized optimum x_λ* of Guo et al.'s Theorem 2 with the pre-training
 mean 0 and covariance AAᵀ (closed form for the quadratic f1, Newton for f2).
+
+The small pre-trained score network of the subspace and sphere tasks is
+:func:`optidiff.tasks.base.pretrained_network` (re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..metrics import off_subspace_ratio
+from .. import rng
+from ..metrics import off_subspace_distance, off_subspace_ratio
 from ..models import SubspaceGaussianDenoiser
 from ..optimize.objectives import Objective
 from ..optimize.reference import increment_to_lambda, regularized_optimum
+from .base import NetworkSpec, OfflineData, check_objective, pretrained_network
 
-__all__ = [
-    "OBJECTIVES",
-    "NetworkSpec",
-    "SubspaceTask",
-    "cache_dir",
-    "haar_orthogonal",
-    "pretrained_network",
-]
+__all__ = ["OBJECTIVES", "LinearSubspaceTask", "NetworkSpec", "SubspaceTask",
+           "pretrained_network"]
 
 D, d, N_PRETRAIN = 64, 16, 65_536
 OBJECTIVES = ("f1_off", "f1_in", "f2_b1", "f2_b2")
-
-
-def haar_orthogonal(n: int, generator: torch.Generator) -> Tensor:
-    """A Haar-random n×n orthogonal matrix: Q of the QR decomposition of an n×n standard Gaussian
-    matrix, with the columns' signs fixed by sign(diag R) (Mezzadri 2007), float64."""
-    z = torch.randn(n, n, generator=generator, dtype=torch.float64)
-    q, r = torch.linalg.qr(z)
-    return q * torch.sign(torch.diagonal(r))
 
 
 @dataclass
 class SubspaceTask:
     """Seeded instance of the subspace task (see the module docstring)."""
 
+    name: ClassVar[str] = "subspace"
+    objectives: ClassVar[tuple[str, ...]] = OBJECTIVES
+    #: the metrics the optimization reports plot next to the reward: (key, label)
+    plot_metrics: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("off_subspace_ratio", "off-subspace ratio ‖x⊥‖/‖x∥‖"),)
     seed: int = 0
     n_pretrain: int = N_PRETRAIN
-    name: str = "subspace"
-    A: Tensor = field(init=False)
+    A: Tensor = field(init=False, repr=False)
     theta_off: Tensor = field(init=False)
     theta_in: Tensor = field(init=False)
     b1: Tensor = field(init=False)
     b2: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        g = torch.Generator().manual_seed(self.seed)
-        self.A = haar_orthogonal(D, g)[:, :d].contiguous()
+        g = rng.generator(self.seed)
+        self.A = rng.haar_orthogonal(D, g)[:, :d].contiguous()
         v = torch.randn(d, generator=g, dtype=torch.float64)
         w = torch.randn(D, generator=g, dtype=torch.float64)
         par = self.A @ (v / v.norm())
@@ -91,6 +89,10 @@ class SubspaceTask:
     @property
     def dim(self) -> int:
         return D
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (D,)
 
     @property
     def data_scale(self) -> float:
@@ -118,10 +120,7 @@ class SubspaceTask:
 
     # ------------------------------------------------------------------ objectives
     def _check(self, name: str) -> str:
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name!r} for task 'subspace'; choose one of "
-                             f"{', '.join(OBJECTIVES)}")
-        return name
+        return check_objective(self, name)
 
     def objective_fn(self, name: str):
         """The plain function ``f(x) -> (B,)`` of objective ``name``."""
@@ -148,6 +147,16 @@ class SubspaceTask:
         return 10.0 if name.startswith("f1") else 5.0
 
     # ------------------------------------------------------------------ metrics
+    def projection(self, objective: str, x: Tensor) -> tuple[Tensor, str, str]:
+        """(coordinate along the objective's in-subspace direction u, distance from the
+        subspace): u = AAᵀθ/‖AAᵀθ‖ (f1) or AAᵀb/‖AAᵀb‖ (f2)."""
+        direction = {"f1_off": self.theta_off, "f1_in": self.theta_in, "f2_b1": self.b1,
+                     "f2_b2": self.b2}[self._check(objective)]
+        u = self.A @ (self.A.T @ direction)
+        x = x.detach().double().flatten(1)
+        return (torch.stack([x @ (u / u.norm()), off_subspace_distance(x, self.A)], 1),
+                "in-subspace coordinate uᵀx", "‖(I − AAᵀ)x‖")
+
     def metrics(self, x: Tensor) -> dict[str, float]:
         """``off_subspace_ratio`` (batch mean of ‖x⊥‖/‖x∥‖) and ``norm`` (mean ‖x‖)."""
         x = x.detach().flatten(1)
@@ -190,91 +199,72 @@ class SubspaceTask:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# the trained score network of the subspace and sphere tasks
+@dataclass
+class LinearSubspaceTask:
+    """The offline simulation of Yuan et al. (NeurIPS 2023; journal version Li et al. 2024, §7):
+    ``x = A·u``, ``u ~ N(0, I_d)``, A the first ``d`` columns of a seeded Haar-random orthogonal
+    ``D×D`` matrix; reward ``f*(x) = θᵀx`` with unit ``θ = cos(φ)·Aβ + sin(φ)·θ⊥`` (``φ = 0``: θ in
+    the subspace, so ``f*`` ~ N(0, 1) on the data); labels ``y = f*(x) + N(0, noise²)``.
 
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """Size and training recipe of the small score network (a :class:`~optidiff.models.TimeMLP`).
-
-    Trained by ``od.train`` (DSM, AdamW, EMA) with σ uniform over the indices of a log-linear
-    table ``[sigma_min, sigma_max]`` of ``n_sigmas`` levels; the same table's
-    ``sample_sigmas(steps, final_zero=True)`` is the sampling grid of the optimization runs.
+    The basis, θ and the unlabeled pool depend on ``seed`` only; the labeled points and their noise
+    on ``label_seed`` (default ``seed``), so label budgets can be compared on the same pool.
+    float32 data, float64 basis. (Its draws are its own: A is not :class:`SubspaceTask`'s A.)
     """
 
-    hidden: int = 256
-    depth: int = 3
-    emb_dim: int = 64
-    steps: int = 6000
-    batch_size: int = 256
-    lr: float = 2e-3
-    ema_decay: float = 0.999
-    sigma_min: float = 0.002
-    sigma_max: float = 20.0
-    n_sigmas: int = 1000
+    name: ClassVar[str] = "linear_subspace"
+    D: int = 64
+    d: int = 16
+    n_unlabeled: int = 65_536
+    n_labeled: int = 1_024
+    noise: float = 0.5
+    off_angle: float = 0.0
     seed: int = 0
+    label_seed: int | None = None
 
-    def key(self) -> str:
-        return (f"h{self.hidden}-d{self.depth}-e{self.emb_dim}-s{self.steps}-b{self.batch_size}"
-                f"-lr{self.lr:g}-ema{self.ema_decay:g}-sig{self.sigma_min:g}-{self.sigma_max:g}"
-                f"-n{self.n_sigmas}-seed{self.seed}")
+    def __post_init__(self) -> None:
+        if not 1 <= self.d <= self.D:
+            raise ValueError(f"need 1 <= d <= D, got d={self.d}, D={self.D}")
+        if self.off_angle != 0.0 and self.d == self.D:
+            raise ValueError("off_angle needs d < D")
+        if not (self.n_labeled >= 2 and self.n_unlabeled >= 0 and self.noise >= 0):
+            raise ValueError(f"need n_labeled >= 2, n_unlabeled >= 0, noise >= 0; got "
+                             f"{self.n_labeled}, {self.n_unlabeled}, {self.noise}")
+        g = rng.generator(rng.derive_seed("optidiff.offline", self.seed, "subspace"))
+        q = rng.haar_orthogonal(self.D, g)
+        self.A = q[:, :self.d]
+        beta = torch.randn(self.d, generator=g, dtype=torch.float64)
+        theta = self.A @ (beta / beta.norm())
+        if self.off_angle != 0.0:
+            perp = q[:, self.d:] @ torch.randn(self.D - self.d, generator=g, dtype=torch.float64)
+            theta = math.cos(self.off_angle) * theta + math.sin(self.off_angle) * perp / perp.norm()
+        self.theta = theta
+        self.unlabeled = (torch.randn(self.n_unlabeled, self.d, generator=g, dtype=torch.float64)
+                          @ self.A.T).float()
+        gl = rng.generator(rng.derive_seed("optidiff.offline", self.seed if self.label_seed is None
+                                           else self.label_seed, "labels"))
+        self.x_labeled = (torch.randn(self.n_labeled, self.d, generator=gl, dtype=torch.float64)
+                          @ self.A.T).float()
+        self.y_labeled = (self.x_labeled.double() @ theta + self.noise * torch.randn(
+            self.n_labeled, generator=gl, dtype=torch.float64)).float()
 
-    def schedule(self):
-        from ..schedules import LogLinearSchedule
-        return LogLinearSchedule(self.sigma_min, self.sigma_max, self.n_sigmas)
+    def reward(self, x: Tensor) -> Tensor:
+        """The true reward f*(x) = θᵀx, float64 (B,)."""
+        return x.flatten(1).to(self.theta.dtype) @ self.theta
 
+    def offline_data(self) -> OfflineData:
+        return OfflineData(self.unlabeled if self.n_unlabeled > 0 else None, self.x_labeled,
+                           self.y_labeled, self.x_labeled.std(0))
 
-def cache_dir() -> Path:
-    """``$OPTIDIFF_CACHE`` if set, else ``~/.cache/optidiff``."""
-    return Path(os.environ.get("OPTIDIFF_CACHE") or Path.home() / ".cache" / "optidiff")
+    def evaluate(self, x: Tensor, target: float | None) -> dict[str, float]:
+        """Mean, spread and max of the true reward, the mean off-support distance and, at a
+        target a, the suboptimality ``SubOpt(a) = a − mean f*(x)``."""
+        f = self.reward(x)
+        out = {"reward_mean": float(f.mean()), "reward_std": float(f.std()),
+               "reward_max": float(f.max()),
+               "off_support": float(off_subspace_distance(x, self.A).mean())}
+        if target is not None:
+            out["subopt"] = float(target) - float(f.mean())
+        return out
 
-
-def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: bool = True,
-                       progress: bool = True, threads: int | None = None) -> tuple[Any, dict]:
-    """The task's trained score network, trained on first use and cached.
-
-    The cache entry ``cache_dir()/networks/<task.name>-seed<task.seed>-<spec.key()>`` is an
-    ``od.save_model`` checkpoint (safetensors + JSON, EMA weights) plus ``info.json`` with the
-    training time. Returns ``(model in eval mode, info)``; ``info["cached"]`` tells whether it was
-    loaded. ``threads`` sets ``torch.set_num_threads`` during training (restored afterwards).
-    """
-    import json
-    import time
-
-    from ..models import TimeMLP
-    from ..training import load_model, save_model, train
-
-    path = cache_dir() / "networks" / f"{task.name}-seed{task.seed}-{spec.key()}"
-    info_file = path / "info.json"
-    if cache and info_file.exists():
-        model = load_model(path / "model")
-        info = json.loads(info_file.read_text())
-        info["cached"] = True
-        return model.requires_grad_(False), info
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        with torch.random.fork_rng(devices=[]):  # seeded initialisation, global RNG untouched
-            torch.manual_seed(spec.seed)
-            net = TimeMLP(task.dim, hidden=spec.hidden, depth=spec.depth, emb_dim=spec.emb_dim,
-                          sigma_data=task.data_scale)
-        t0 = time.perf_counter()
-        res = train(net, task.data(), steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
-                    schedule=spec.schedule(), ema_decay=spec.ema_decay, seed=spec.seed,
-                    progress=progress)
-        seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(old_threads)
-    model = res.ema.eval().requires_grad_(False)
-    info = {"task": task.name, "task_seed": task.seed, "spec": spec.key(),
-            "pretrain_seconds": seconds, "threads": threads or old_threads,
-            "final_loss": sum(res.losses[-200:]) / len(res.losses[-200:]),
-            "parameters": sum(p.numel() for p in model.parameters())}
-    if cache:
-        path.mkdir(parents=True, exist_ok=True)
-        save_model(path / "model", model)
-        info_file.write_text(json.dumps(info, indent=1))
-    info["cached"] = False
-    return model, info
+    def decode(self, x: Tensor) -> None:
+        return None

