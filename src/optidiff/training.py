@@ -12,6 +12,7 @@ are saved in every checkpoint, so a resumed run repeats the draws of an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -41,6 +42,7 @@ from .checkpoint import (
     unpack,
     write_jsonl,
 )
+from .data import batch_stream
 from .models.base import sigma_like
 from .models.registry import load_model, model_to_config, save_model
 from .sampling import progress_off
@@ -91,8 +93,21 @@ def _sigma_table(schedule: Schedule | Tensor | None) -> Tensor:
     return table
 
 
+#: training/sampling precisions: fp32, or autocast to bfloat16 / float16 (float16 with a gradient
+#: scaler, on CUDA)
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip,
-                cond_drop, log_every, checkpoint_every, resume, run_dir, seed) -> None:
+                cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision) -> None:
     def positive_int(name: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
@@ -118,8 +133,12 @@ def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_deca
     if (resume or checkpoint_every is not None) and run_dir is None:
         raise ValueError(f"resume={resume!r} / checkpoint_every={checkpoint_every!r} need a "
                          f"run_dir")
-    if not isinstance(data, Tensor) or data.ndim < 2 or len(data) == 0 \
-            or not data.is_floating_point():
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"precision={precision!r}")
+    if not isinstance(data, Tensor):  # a dataset or loader: its batches are checked as they come
+        return
+    if data.ndim < 2 or len(data) == 0 or not data.is_floating_point():
         raise ValueError(f"data must be a non-empty floating tensor of shape (N, *dims), got "
                          f"{type(data).__name__} {tuple(getattr(data, 'shape', ()))}")
     if not torch.isfinite(data).all():
@@ -155,23 +174,29 @@ def _drop_cond(c: Tensor, drop: Tensor) -> Tensor:
     return torch.where(drop, torch.full_like(c, -1), c)
 
 
-def train(model: nn.Module, data: Tensor, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
+def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr: float = 1e-3,
           weight_decay: float = 0.0, schedule: Schedule | Tensor | None = None,
           ema_decay: float = 0.999, grad_clip: float | None = 1.0, seed: int = 0,
           cond: Tensor | None = None, cond_drop: float = 0.0,
           run_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
           resume: bool = False, progress: bool | None = None, log_every: int = 100,
-          device: torch.device | str | None = None) -> TrainResult:
+          device: torch.device | str | None = None, precision: str = "fp32",
+          num_workers: int = 0) -> TrainResult:
     """Train an ε-model by denoising score matching (:func:`dsm_loss`) with AdamW.
 
-    Each step draws ``batch_size`` rows of ``data`` (uniformly, with replacement), one σ per row
+    ``data`` is a tensor (N, *dims), a NumPy array or memmap, a map-style ``Dataset``, an
+    ``IterableDataset``, a ``DataLoader`` or any iterable of batches (``x`` or ``(x, cond)``); see
+    :mod:`optidiff.data` for how each is drawn, sharded and resumed (``num_workers`` loader
+    processes for datasets). Each step takes ``batch_size`` rows of ``data`` (from a tensor:
+    uniformly, with replacement), one σ per row
     uniformly from the indices of ``schedule.sigmas`` (default ``LogLinearSchedule()``:
     σ ∈ [0.02, 10], 1000 levels, for data scaled to unit variance), and noise; clips the gradient
     to global norm ``grad_clip``; takes an AdamW step; updates the EMA
     ``θ_ema ← d·θ_ema + (1−d)·θ`` with ``d = min(ema_decay, (1+t)/(10+t))`` at update t (the
     warm-up of TensorFlow's ExponentialMovingAverage and diffusers' EMAModel).
 
-    Conditioning: ``cond`` (N,) integer labels or (N,)/(N, k) float values aligned with ``data``;
+    Conditioning: ``cond`` (N,) integer labels or (N,)/(N, k) float values aligned with a tensor
+    or array ``data`` (a dataset or loader yields ``(x, cond)`` pairs instead);
     with probability ``cond_drop`` a row's condition becomes the null condition (label −1, or a
     NaN row for float conditions; the model must map it to "unconditional"), for
     classifier-free guidance.
@@ -189,11 +214,16 @@ def train(model: nn.Module, data: Tensor, *, steps: int, batch_size: int = 256, 
     rank r trains on rows ``r::world`` with its own generators, and only rank 0 writes files and
     shows progress. ``batch_size`` is per rank.
 
+    Precision: ``"bf16"`` or ``"fp16"`` run the forward pass under ``torch.autocast`` (the
+    parameters, the optimizer state, the EMA and the loss stay in float32); fp16 scales the loss
+    with ``torch.amp.GradScaler`` (on CUDA) so small gradients do not underflow. ``device``: where
+    to train (default: the model's device); every tensor the loop creates is made there.
+
     The loss is read back to the host only at log and checkpoint steps; a non-finite loss raises
     ``FloatingPointError`` there, naming the first bad step, before any checkpoint is written.
     """
     _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip,
-                cond_drop, log_every, checkpoint_every, resume, run_dir, seed)
+                cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision)
     table = _sigma_table(schedule)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -204,7 +234,7 @@ def train(model: nn.Module, data: Tensor, *, steps: int, batch_size: int = 256, 
                       ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, cond_drop=cond_drop,
                       run_dir=None if run_dir is None else Path(run_dir),
                       checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                      log_every=log_every)
+                      log_every=log_every, precision=precision, num_workers=num_workers)
     finally:
         if created:
             dist.destroy_process_group()
@@ -212,22 +242,20 @@ def train(model: nn.Module, data: Tensor, *, steps: int, batch_size: int = 256, 
 
 def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch_size, lr,
            weight_decay, ema_decay, grad_clip, seed, cond_drop, run_dir, checkpoint_every, resume,
-           progress, log_every) -> TrainResult:
-    if len(data) < world:
-        raise ValueError(f"data has {len(data)} rows, fewer than the {world} ranks")
-    shard = data[rank::world]
-    cond_shard = None if cond is None else cond[rank::world]
+           progress, log_every, precision, num_workers) -> TrainResult:
+    stream = batch_stream(data, cond, batch_size=batch_size, seed=seed, rank=rank, world=world,
+                          num_workers=num_workers)
     settings = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                 "ema_decay": ema_decay, "grad_clip": grad_clip, "seed": seed,
-                "cond_drop": cond_drop, "world_size": world, "data_shape": list(data.shape),
-                "cond": None if cond is None else str(cond.dtype)}
+                "cond_drop": cond_drop, "world_size": world, "data": stream.describe,
+                "precision": precision}
     # DDP broadcasts rank 0's parameters when it wraps the model: copy the EMA after that
     net = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    g_data = rng.generator(rng.derive_seed("optidiff", seed, rank, "data"), shard.device)
     g_noise = rng.generator(rng.derive_seed("optidiff", seed, rank, "noise"), device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     losses: list[float] = []
     start = 0
     ckpt_dir = None if run_dir is None else run_dir / "checkpoint"
@@ -235,7 +263,7 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
         if not resume:
             raise ValueError(f"run_dir {str(run_dir)!r} already holds a checkpoint; pass "
                              f"resume=True to continue it or choose another run_dir")
-        start, losses = _restore(ckpt_dir, model, ema, optimizer, (g_data, g_noise), rank,
+        start, losses = _restore(ckpt_dir, model, ema, optimizer, stream, g_noise, rank,
                                  settings, table, steps)
 
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -251,22 +279,25 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
     model.train()
     try:
         for t in range(start, steps):
-            idx = torch.randint(len(shard), (batch_size,), generator=g_data, device=shard.device)
-            x0 = shard[idx].to(device=device, dtype=dtype, non_blocking=True)
-            sigma = sigmas[torch.randint(len(sigmas), (batch_size,), generator=g_noise,
-                                         device=device)]
-            c = None
-            if cond_shard is not None:
-                c = cond_shard[idx].to(device, non_blocking=True)
+            x0, c = stream.next()
+            n = len(x0)
+            x0 = x0.to(device=device, dtype=dtype, non_blocking=True)
+            sigma = sigmas[torch.randint(len(sigmas), (n,), generator=g_noise, device=device)]
+            if c is not None:
+                c = c.to(device, non_blocking=True)
                 if cond_drop > 0:
-                    c = _drop_cond(c, torch.rand(batch_size, generator=g_noise,
-                                                 device=device) < cond_drop)
-            loss = dsm_loss(net, x0, sigma, cond=c, generator=g_noise)
+                    c = _drop_cond(c, torch.rand(n, generator=g_noise, device=device) < cond_drop)
+            elif cond_drop > 0:
+                raise ValueError(f"cond_drop={cond_drop} needs conditions; the data yield none")
+            with autocast(device, precision):
+                loss = dsm_loss(net, x0, sigma, cond=c, generator=g_noise).float()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if grad_clip is not None:
+                scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(params, grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             with torch.no_grad():  # the EMA must not join the autograd graph
                 torch._foreach_lerp_(ema_params, params, 1.0 - min(ema_decay, (1 + t) / (10 + t)))
             pending.append(loss.detach())
@@ -289,7 +320,7 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
                 last_log, t0 = done, time.perf_counter()
             if is_ckpt:
                 _copy_buffers(model, ema)
-                _save(ckpt_dir, model, ema, optimizer, (g_data, g_noise), losses, done, settings,
+                _save(ckpt_dir, model, ema, optimizer, stream, g_noise, losses, done, settings,
                       table, rank, world, device)
     finally:
         bar.close()
@@ -334,11 +365,16 @@ def _trim_metrics(run_dir: Path, start: int) -> None:
     write_jsonl(path, kept if start > 0 else [])
 
 
-def _save(ckpt_dir, model, ema, optimizer, generators, losses, step, settings, table, rank, world,
-          device) -> None:
-    """Checkpoint (collective under DDP: every rank's generator states are gathered to rank 0)."""
+def _save(ckpt_dir, model, ema, optimizer, stream, g_noise, losses, step, settings, table, rank,
+          world, device) -> None:
+    """Checkpoint (collective under DDP: every rank's generator states are gathered to rank 0).
+    The data stream's position is part of it: a tensor stream's generators (per rank) or the
+    (epoch, batches read) of a dataset or loader (the same on every rank)."""
     states = {}
-    for name, g in zip(("data", "noise"), generators):
+    gens = [("noise", g_noise)]
+    if isinstance(stream.state_dict().get("generator"), Tensor):
+        gens.insert(0, ("data", stream.generator))
+    for name, g in gens:
         s = g.get_state()
         if world > 1:
             comm = s.to(device) if dist.get_backend() == "nccl" else s
@@ -358,11 +394,13 @@ def _save(ckpt_dir, model, ema, optimizer, generators, losses, step, settings, t
         model_config = model_to_config(model)
     except ValueError:
         model_config = None
+    data_state = None if len(gens) == 2 else stream.state_dict()
     save_checkpoint(ckpt_dir, tensors, {"kind": "train", "step": step, "settings": settings,
-                                        "optimizer": opt_meta, "model": model_config})
+                                        "optimizer": opt_meta, "model": model_config,
+                                        "data_state": data_state})
 
 
-def _restore(ckpt_dir, model, ema, optimizer, generators, rank, settings, table, steps):
+def _restore(ckpt_dir, model, ema, optimizer, stream, g_noise, rank, settings, table, steps):
     """Load a training checkpoint into the given objects; return (step, losses)."""
     tensors, meta = load_checkpoint(ckpt_dir)
     if meta.get("kind") != "train" or "step" not in meta or "settings" not in meta:
@@ -387,7 +425,12 @@ def _restore(ckpt_dir, model, ema, optimizer, generators, rank, settings, table,
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r}: the optimizer state does not fit "
                               f"({e})") from None
-    for name, g in zip(("data", "noise"), generators):
+    gens = [("noise", g_noise)]
+    if meta.get("data_state") is None:
+        gens.append(("data", stream.generator))
+    else:
+        stream.load_state_dict(meta["data_state"])
+    for name, g in gens:
         key = f"rng.{name}.{rank}"
         if key not in tensors:
             raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} lacks the generator state {key!r}")
