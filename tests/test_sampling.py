@@ -265,7 +265,7 @@ def test_gamma_mu_at_1_0_is_ddim_exactly():
     den, sigmas, x_init = _small_problem()
     a = od.sample(den, sigmas, x_init=x_init, sampler="gamma_mu", gamma=1.0, mu=0.0)
     b = od.sample(den, sigmas, x_init=x_init, sampler="ddim")
-    c = od.sample(den, sigmas, x_init=x_init)  # the default is (1, 0)
+    c = od.sample(den, sigmas, x_init=x_init, sampler="gamma_mu")  # its default is (1, 0)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(a, od.sample(den, sigmas, x_init=x_init, sampler="ge"))
 
@@ -602,3 +602,29 @@ def test_bad_initial_point_and_model_output():
         od.sample(lambda x, s, c=None: x * float("nan"), sig, x_init=X2 + 1)
     with pytest.raises(FloatingPointError):
         od.sample(_plain, sig, x_init=X2, guidance=lambda m, x, s, c: x / 0.0 + 1)
+
+
+def test_the_default_sampler_is_ge_as_the_command_line():
+    den, sigmas, x_init = _small_problem()
+    assert torch.equal(od.sample(den, sigmas, x_init=x_init),
+                       od.sample(den, sigmas, x_init=x_init, sampler="ge"))
+    # a given γ or μ picks a point of the (γ, μ) family instead
+    assert torch.equal(od.sample(den, sigmas, x_init=x_init, gamma=1.5),
+                       od.sample(den, sigmas, x_init=x_init, sampler="gamma_mu", gamma=1.5))
+    assert not torch.equal(od.sample(den, sigmas, x_init=x_init, gamma=1.5),
+                           od.sample(den, sigmas, x_init=x_init))
+
+
+def test_autocast_sampling_keeps_the_state_dtype_and_stays_close():
+    """bf16 autocast of a network's evaluations: the sampler's state stays float32 and the samples
+    move by about bf16's resolution, not more."""
+    torch.manual_seed(0)
+    net = od.models.TimeMLP(2, hidden=32, depth=2, emb_dim=8)
+    sig = od.LogLinearSchedule().sample_sigmas(8, final_zero=True)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1)) * 10
+    a = od.sample(net, sig, x_init=x0)
+    b = od.sample(net, sig, x_init=x0, precision="bf16")
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        od.sample(net, sig, x_init=x0, precision="int8")

@@ -30,6 +30,8 @@ RunDirOpt = Annotated[Path | None, typer.Option(
                       "used only by --resume of a run of the same kind.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads.")]
+DeviceOpt = Annotated[str, typer.Option(
+    help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")]
 ProgressOpt = Annotated[bool | None, typer.Option(
     "--progress/--no-progress", help="Show progress bars (default: when stderr is a terminal).",
     show_default=False)]
@@ -96,6 +98,7 @@ def train(
     config: Annotated[Path, typer.Argument(help="TOML train config (see examples/train_toy.toml).")],
     run_dir: RunDirOpt = None,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     progress: ProgressOpt = None,
 ) -> None:
@@ -106,7 +109,8 @@ def train(
     from .runs.train import train_command
 
     with _command(threads):
-        out = train_command(config, run_dir, resume=resume, progress=progress, echo=typer.echo)
+        out = train_command(config, run_dir, resume=resume, progress=progress, device=device,
+                            echo=typer.echo)
     typer.echo(f"{out['sampler']}-{out['steps']}: {_metrics_line(out, ('gamma', 'mu'))}")
     typer.echo(f"checkpoint: {out['checkpoint']}")
     typer.echo(f"report: {out['report']}")
@@ -134,6 +138,9 @@ def sample(
     ] = None,
     final_zero: Annotated[bool, typer.Option(
         "--final-zero/--no-final-zero", help="End at σ=0 (the denoised estimate).")] = True,
+    precision: Annotated[str, typer.Option(
+        help="fp32, or bf16/fp16: the network under torch.autocast.")] = "fp32",
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     progress: ProgressOpt = None,
 ) -> None:
@@ -152,7 +159,8 @@ def sample(
         result = sample_command(checkpoint, run_dir or out, sampler=sampler, steps=steps,
                                 batch_size=batch_size or n or 1000, gamma=gamma, mu=mu,
                                 seed=seed, final_zero=final_zero, config=config,
-                                progress=progress, echo=typer.echo)
+                                progress=progress, device=device, precision=precision,
+                                echo=typer.echo)
     typer.echo(f"samples: {result['samples']}")
     typer.echo(f"report: {result['report']}")
 
@@ -180,6 +188,7 @@ def optimize(
                                                 "examples/offline_tfbind8.toml.")],
     run_dir: RunDirOpt = None,
     resume: ResumeOpt = False,
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     progress: ProgressOpt = None,
 ) -> None:
@@ -196,13 +205,13 @@ def optimize(
         if kind == "offline":
             from .runs.offline import offline_command
             summary, run = offline_command(config, run_dir, resume=resume, progress=progress,
-                                           echo=typer.echo)
+                                           device=device, echo=typer.echo)
             typer.echo(f"{len(summary['records'])} candidate batches, "
                        f"{summary['timings']['total_s']:.0f} s")
         else:
             from .runs.optimize import optimize_command
             result, run = optimize_command(config, run_dir, resume=resume, progress=progress,
-                                           echo=typer.echo)
+                                           device=device, echo=typer.echo)
             last = result.history[-1]
             typer.echo(f"rounds: {len(result.history) - 1}, final mean reward "
                        f"{last['reward_mean']:.4g}")
@@ -215,6 +224,9 @@ def optimize(
 def demo(
     run_dir: RunDirOpt = None,
     rounds: Annotated[int, typer.Option(help="Optimization rounds.")] = 30,
+    device: DeviceOpt = "auto",
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads (default 1: fastest for its batches of 32).")] = 1,
     progress: ProgressOpt = None,
 ) -> None:
     """Naive vs look-ahead gradient guidance on the subspace task, side by side.
@@ -224,10 +236,10 @@ def demo(
     LookAhead (G_loss); prints reward and off-subspace ratio per round and writes a report."""
     from .runs.demo import demo as run_demo
 
-    with _command():
+    with _command(threads):
         if rounds < 1:
             raise ValueError(f"--rounds must be >= 1, got --rounds {rounds}")
-        run_demo(run_dir, rounds, progress=progress, echo=typer.echo)
+        run_demo(run_dir, rounds, progress=progress, device=device, echo=typer.echo)
 
 
 @app.command("demo-samplers")
@@ -237,6 +249,7 @@ def demo_samplers(
     n: Annotated[int, typer.Option("--n", help="Samples per sampler.")] = 4000,
     threads: Annotated[int | None, typer.Option(
         help="torch CPU threads (1 is fastest for this small model).")] = 1,
+    device: DeviceOpt = "auto",
     progress: ProgressOpt = None,
 ) -> None:
     """Train on a 2-D mixture; compare DDIM and GE at 10 steps.
@@ -248,7 +261,7 @@ def demo_samplers(
 
     start = time.perf_counter()
     with _command(threads):
-        rows = run(run_dir, steps=steps, n=n, progress=progress, echo=typer.echo)
+        rows = run(run_dir, steps=steps, n=n, progress=progress, device=device, echo=typer.echo)
     typer.echo(f"\n{'samples':<34}{'NFE':>5}{'MMD² (h=0.1)':>15}{'SW2²':>11}")
     for r in rows:
         typer.echo(f"{r['label']:<34}{r.get('nfe') or '-':>5}{r['mmd2']:>15.5f}{r['sw2']:>11.5f}")

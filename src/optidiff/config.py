@@ -220,6 +220,8 @@ class TrainSection(Section):
     seed: Seed | None = None
     checkpoint_every: int | None = Field(None, gt=0)
     log_every: int | None = Field(None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    num_workers: int | None = Field(None, ge=0, le=256)
     cache: bool = True
 
     def kwargs(self, **defaults: Any) -> dict[str, Any]:
@@ -239,6 +241,7 @@ class SamplerSection(Section):
     mu: float | None = Field(None, ge=0, lt=1)
     seed: Seed | None = None
     final_zero: bool = True
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SamplerSection:
@@ -418,6 +421,11 @@ class OfflineConfig(Section):
             raise ValueError("generate.reward_scale > 0 needs a reward model (reward.kind)")
         if g.cfg_scale != 1.0 and self.method.cond_drop == 0:
             raise ValueError("generate.cfg_scale != 1 needs method.cond_drop > 0")
+        unused = [k for k in ("checkpoint_every", "log_every", "precision", "num_workers")
+                  if getattr(self.train, k) is not None]
+        if unused:
+            raise ValueError(f"train.{unused[0]}: offline runs do not take it (their training "
+                             "checkpoints at the end and logs every 100 steps)")
         default = "timemlp" if m == "classifier_guidance" else "conditional_mlp"
         if self.model.resolved_kind(default) != default:
             raise ValueError(f"model.kind = {self.model.kind!r}: method {m!r} trains a "

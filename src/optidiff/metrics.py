@@ -267,7 +267,7 @@ def mmd_rbf(x: Tensor, y: Tensor, bandwidth: float | None = None, *,
 def _split_subspace(x: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """(x flattened to (N, D) float64, its projection AAᵀx) after checking A (D, d) orthonormal."""
     x = _as_samples(x.flatten(1) if isinstance(x, Tensor) and x.ndim > 2 else x, "x")
-    A = torch.as_tensor(A).detach().to(torch.float64)
+    A = torch.as_tensor(A).detach().to(device=x.device, dtype=torch.float64)
     if A.ndim != 2 or A.shape[0] != x.shape[1] or A.shape[1] > A.shape[0]:
         raise ValueError(f"A must have shape (D, d) with D={x.shape[1]} (the dimension of x) and "
                          f"d <= D, got shape {tuple(A.shape)}")

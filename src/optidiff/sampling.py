@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import rng
+from .device import autocast, check_precision
 
 __all__ = ["PRESETS", "SAMPLERS", "Guidance", "Step", "check_gamma_mu", "check_sigmas",
            "gamma_mu_step", "progress_off", "resolve_sampler", "sample", "sample_iter"]
@@ -155,8 +156,12 @@ def _chunk(cond: Any, rows: slice) -> Any:
 
 
 def _eps(model: Model, x: Tensor, sigma: Tensor, cond: Any, guidance: Guidance | None,
-         chunk_size: int | None) -> Tensor:
-    """One network evaluation (guided if ``guidance`` is given), optionally in batch chunks."""
+         chunk_size: int | None, precision: str = "fp32") -> Tensor:
+    """One network evaluation (guided if ``guidance`` is given), optionally in batch chunks, under
+    ``precision``'s autocast; ε comes back in the dtype of ``x``."""
+    if precision != "fp32":
+        with autocast(x.device, precision):
+            return _eps(model, x, sigma, cond, guidance, chunk_size).to(x.dtype)
     if guidance is not None:
         eps = guidance(model, x, sigma, cond)
     elif chunk_size is None or chunk_size >= len(x):
@@ -178,13 +183,16 @@ def _eps(model: Model, x: Tensor, sigma: Tensor, cond: Any, guidance: Guidance |
 
 def sample_iter(model: Model, sigmas: Tensor, *, batch_size: int | None = None,
                 x_init: Tensor | None = None, gamma: float | None = None, mu: float | None = None,
-                sampler: str = "gamma_mu", guidance: Guidance | None = None, cond: Any = None,
+                sampler: str | None = None, guidance: Guidance | None = None, cond: Any = None,
                 generator: torch.Generator | None = None, seed: int | None = None,
                 chunk_size: int | None = None, dtype: torch.dtype | None = None,
                 device: torch.device | str | None = None,
-                progress: bool | None = None) -> Iterator[Step]:
+                progress: bool | None = None, precision: str = "fp32") -> Iterator[Step]:
     """Run a sampler and yield a :class:`Step` after every step (see :func:`sample` for arguments)."""
+    if sampler is None:  # given γ or μ name a point of the family; otherwise the GE sampler
+        sampler = "ge" if gamma is None and mu is None else "gamma_mu"
     gamma, mu = resolve_sampler(sampler, gamma, mu)
+    check_precision(precision)
     if seed is not None:
         if generator is not None:
             raise ValueError("give generator= or seed=, not both")
@@ -197,7 +205,7 @@ def sample_iter(model: Model, sigmas: Tensor, *, batch_size: int | None = None,
     steps = {"dpmpp_2m": _dpmpp_2m, "heun": _heun, "reverse_sde": _reverse_sde}.get(sampler)
 
     def eps_fn(x: Tensor, sigma: Tensor) -> Tensor:
-        return _eps(model, x, sigma, cond, guidance, chunk_size)
+        return _eps(model, x, sigma, cond, guidance, chunk_size, precision)
 
     it = (steps(eps_fn, x, sigmas, generator) if steps
           else _gamma_mu(eps_fn, x, sigmas, gamma, mu, generator))
@@ -222,8 +230,10 @@ def sample(model: Model, sigmas: Tensor, **kwargs: Any) -> Tensor:
         batch_size: number of samples when ``x_init`` is not given; ``x_N = σ_N·w``.
         x_init: starting point at σ_N, shape ``(B, *dims)``.
         gamma, mu: the (γ, μ) family (defaults 1 and 0 for ``sampler="gamma_mu"``).
-        sampler: ``"gamma_mu"``, the presets ``"ddim"`` (1, 0), ``"ddpm"`` (1, ½), ``"ge"`` (2, 0),
-            or the peers ``"dpmpp_2m"``, ``"heun"``, ``"reverse_sde"``.
+        sampler: ``"ge"`` (the default, also of ``optidiff sample``: the gradient-estimation
+            sampler, γ = 2, μ = 0; ``"gamma_mu"`` when ``gamma`` or ``mu`` is given),
+            ``"gamma_mu"``, the presets ``"ddim"`` (1, 0), ``"ddpm"``
+            (1, ½), or the peers ``"dpmpp_2m"``, ``"heun"``, ``"reverse_sde"``.
         guidance: a :class:`Guidance` (see ``optidiff.guidance``).
         cond: conditioning passed to the model.
         generator, seed: the only source of randomness (initial noise and μ/SDE noise); a
@@ -232,6 +242,8 @@ def sample(model: Model, sigmas: Tensor, **kwargs: Any) -> Tensor:
         dtype, device: of the initial noise when ``x_init`` is not given.
         progress: show a progress bar (``None``, the default everywhere in optidiff: when
             stderr is a terminal).
+        precision: ``"fp32"``, or ``"bf16"``/``"fp16"``: every network evaluation under
+            ``torch.autocast`` (the sampler's state and arithmetic stay in the dtype of x).
 
     Returns the final state at ``sigmas[-1]`` (the denoised sample when it is 0). With ``x_init``,
     μ = 0 and a deterministic guidance and sampler, the result is deterministic.

@@ -12,7 +12,6 @@ are saved in every checkpoint, so a resumed run repeats the draws of an uninterr
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -43,6 +42,7 @@ from .checkpoint import (
     write_jsonl,
 )
 from .data import batch_stream
+from .device import autocast, check_precision
 from .models.base import sigma_like
 from .models.registry import load_model, model_to_config, save_model
 from .sampling import progress_off
@@ -93,19 +93,6 @@ def _sigma_table(schedule: Schedule | Tensor | None) -> Tensor:
     return table
 
 
-#: training/sampling precisions: fp32, or autocast to bfloat16 / float16 (float16 with a gradient
-#: scaler, on CUDA)
-PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def autocast(device: torch.device, precision: str):
-    """``torch.autocast`` for ``precision`` on ``device`` (a no-op context for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip,
                 cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision) -> None:
     def positive_int(name: str, v: Any) -> None:
@@ -133,9 +120,7 @@ def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_deca
     if (resume or checkpoint_every is not None) and run_dir is None:
         raise ValueError(f"resume={resume!r} / checkpoint_every={checkpoint_every!r} need a "
                          f"run_dir")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
-                         f"precision={precision!r}")
+    check_precision(precision)
     if not isinstance(data, Tensor):  # a dataset or loader: its batches are checked as they come
         return
     if data.ndim < 2 or len(data) == 0 or not data.is_floating_point():

@@ -192,13 +192,14 @@ class OfflineResult:
                              "or 'ridge')")
         g = _generator(seed, "sample")
         model = self.model
-        x_init = _prior(self.prior, self.sigmas[0], (batch_size, *model.input_shape), g)
+        device = next(model.parameters()).device
+        x_init = _prior(self.prior, self.sigmas[0], (batch_size, *model.input_shape), g).to(device)
         reward = None if s == 0 else RewardGuidance(self.reward_model, gt, scale=s, max_move=clip)
         if self.method == "classifier_guidance":
             return sample(model, self.sigmas, x_init=x_init, sampler=self.sampler,
                           guidance=reward, generator=g)
         w = self.cfg_scale if cfg_scale is None else cfg_scale
-        cond = torch.full((batch_size,), (a - self.y_mean) / self.y_std)
+        cond = torch.full((batch_size,), (a - self.y_mean) / self.y_std, device=device)
         if w != 1.0:  # the NaN null condition of ConditionalMLP
             cfg = ClassifierFree(w, null_cond=math.nan)
             model, guidance = (guided_model(model, cfg), reward) if reward else (model, cfg)
@@ -329,7 +330,8 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
                        reward_clip: float | None = None, sample_steps: int = 100,
                        sampler: str = "ddpm", prior: str = "ve", seed: int = 0,
                        run_dir: str | os.PathLike | None = None, resume: bool = False,
-                       progress: bool | None = None, **deprecated: Any) -> OfflineResult:
+                       progress: bool | None = None, device: torch.device | str | None = None,
+                       **deprecated: Any) -> OfflineResult:
     """Reward-directed conditional diffusion (the tutorial's meta algorithm; DDOM as options).
 
     Args:
@@ -366,6 +368,7 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
         seed: every random draw (reward fit, pseudo-label noise, resampling, training, sampling)
             derives from it.
         run_dir, resume: the training run directory (:func:`optidiff.train`'s exact resume).
+        device: where to train and generate (the reward model is moved there too).
 
     Conditions are z-scored with the mean and std of the training conditions before they reach
     the network; targets are given in raw reward units. Generate with :meth:`OfflineResult.generate`.
@@ -395,7 +398,9 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
     res, t_train = _train(model, x_train, sched, seed, dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, run_dir=run_dir, resume=resume,
-        progress=progress), cond=((y_train - y_mean) / y_std).float(), cond_drop=cond_drop)
+        progress=progress, device=device), cond=((y_train - y_mean) / y_std).float(),
+        cond_drop=cond_drop)
+    f = f.to(device or "cpu") if isinstance(f, nn.Module) else f
     out = OfflineResult(method="reward_conditioned", model=res.ema.eval(), reward_model=f,
                         labels=y, y_mean=y_mean, y_std=y_std,
                         sigmas=sched.sample_sigmas(sample_steps, final_zero=True),
@@ -418,7 +423,7 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
                   grad_clip: float | None = 1.0, sample_steps: int = 100, sampler: str = "ddpm",
                   prior: str = "ve", seed: int = 0, run_dir: str | os.PathLike | None = None,
                   resume: bool = False, progress: bool | None = None,
-                  **deprecated: Any) -> OfflineResult:
+                  device: torch.device | str | None = None, **deprecated: Any) -> OfflineResult:
     """The classifier-guidance variant: an unconditional model trained on all designs
     (``data`` and ``x_labeled``) plus :class:`~optidiff.guidance.RewardGuidance` of the fitted
     reward ``f̂`` toward the target ``a`` with strength ``reward_scale`` (the image code of Yuan et
@@ -442,7 +447,8 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
     res, t_train = _train(model, x, sched, seed, dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, run_dir=run_dir, resume=resume,
-        progress=progress))
+        progress=progress, device=device))
+    f = f.to(device or "cpu") if isinstance(f, nn.Module) else f
     out = OfflineResult(method="classifier_guidance", model=res.ema.eval(), reward_model=f,
                         labels=y, y_mean=0.0, y_std=1.0,
                         sigmas=sched.sample_sigmas(sample_steps, final_zero=True),

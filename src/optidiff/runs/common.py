@@ -66,9 +66,12 @@ def check_resume(run: RunDir, cfg: Any, allowed: dict[str, set[str]]) -> None:
 
 
 def draw(model: Any, sigmas: Tensor, s: dict[str, Any], *, x_init: Tensor | None = None,
-         progress: bool | None = None) -> Tensor:
-    """Samples with a resolved ``[sampler]`` section ``s`` (name, batch_size, gamma, mu, seed)."""
-    return sample(model, sigmas, x_init=x_init,
+         progress: bool | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Samples on ``device`` with a resolved ``[sampler]`` section ``s`` (name, batch_size,
+    gamma, mu, seed, precision), returned on the CPU."""
+    return sample(model, sigmas, x_init=None if x_init is None else x_init.to(device),
                   batch_size=None if x_init is not None else s["batch_size"], sampler=s["name"],
-                  gamma=s.get("gamma"), mu=s.get("mu"),
-                  generator=torch.Generator().manual_seed(s["seed"]), progress=progress)
+                  gamma=s.get("gamma"), mu=s.get("mu"), device=device,
+                  precision=s.get("precision") or "fp32",
+                  generator=torch.Generator(device).manual_seed(s["seed"]),
+                  progress=progress).cpu()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import build_schedule, dump_toml, parse_config
+from ..device import resolve_device
 from ..optimize import gradient_guided
 from ..report import scatter_figure
 from ..tasks.base import NetworkSpec, pretrained_network
@@ -40,22 +41,17 @@ DEMO = {"task": "subspace", "objective": "f1_off", "batch_size": 32, "steps": 50
 
 
 def demo(run_dir: str | Path | None = None, rounds: int = 30, *, progress: bool | None = None,
-         echo: Callable[[str], None] = print) -> DemoResult:
+         device: str = "auto", echo: Callable[[str], None] = print) -> DemoResult:
     """``optidiff demo``: Algorithm 1 of Guo et al. (NeurIPS 2024) on the ``subspace`` task with f1
     (θ off-subspace), naive gradient guidance (δ = 0.9) and look-ahead guidance G_loss (δ = 0.2;
     the official settings) side by side, per-sample gradients, B = 32, DDPM with 50 steps, on a
     small TimeMLP pre-trained on first use and cached. Prints a table (round, mean reward and
     off-subspace ratio for both) and the report's path."""
     run = RunDir.prepare("demo", "demo", run_dir)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # batches of 32-256 rows: one thread is fastest, also on a busy machine
-    try:
-        return _demo(run, rounds, progress=progress, echo=echo)
-    finally:
-        torch.set_num_threads(threads)
+    return _demo(run, rounds, progress=progress, device=resolve_device(device), echo=echo)
 
 
-def _demo(run: RunDir, rounds: int, *, progress: bool | None,
+def _demo(run: RunDir, rounds: int, *, progress: bool | None, device: torch.device,
           echo: Callable[[str], None]) -> DemoResult:
     t0 = time.perf_counter()
     task = SubspaceTask(seed=0)
@@ -64,7 +60,7 @@ def _demo(run: RunDir, rounds: int, *, progress: bool | None,
     echo(f"run directory: {run.path}")
     echo("optidiff demo: pre-trained score network for the subspace task (trained on first use, "
          "then cached) …")
-    model, info = pretrained_network(task, spec, progress=progress)
+    model, info = pretrained_network(task, spec, progress=progress, device=device)
     sigmas = spec.schedule().sample_sigmas(DEMO["steps"], final_zero=True)
     dirs, results = {}, {}
     for guid in ("naive", "lookahead"):
@@ -73,7 +69,7 @@ def _demo(run: RunDir, rounds: int, *, progress: bool | None,
             model, task.objective(DEMO["objective"]), sigmas, rounds=rounds,
             batch_size=DEMO["batch_size"], increment=DEMO["delta"][guid], guidance=guid,
             beta=DEMO["beta"], noise_std=DEMO["noise_std"], sampler="ddpm", metrics=task.metrics,
-            run_dir=dirs[guid], seed=DEMO["seed"], progress=progress)
+            run_dir=dirs[guid], seed=DEMO["seed"], progress=progress, device=device)
     table = []
     for hn, hl in zip(results["naive"].history, results["lookahead"].history):
         row = {"round": hn["round"], "reward_naive": hn["reward_mean"],
@@ -121,7 +117,7 @@ def demo_samplers_config(steps: int, n: int) -> Any:
 
 
 def demo_samplers(run_dir: str | Path | None = None, *, steps: int = 4000, n: int = 4000,
-                  progress: bool | None = None,
+                  progress: bool | None = None, device: str = "auto",
                   echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train on a 2-D mixture whose exact denoiser is known; sample with DDIM and GE at 10 steps,
     and with the exact denoiser (10 steps, and DDIM at 200 as reference); return (and log) the
@@ -129,12 +125,13 @@ def demo_samplers(run_dir: str | Path | None = None, *, steps: int = 4000, n: in
     if steps < 1 or n < 2:
         raise ValueError(f"--steps must be >= 1 and --n >= 2, got --steps {steps}, --n {n}")
     cfg = demo_samplers_config(steps, n)
+    dev = resolve_device(device)
     run = RunDir.prepare("demo-samplers", "demo", run_dir)
     run.start(title="optidiff demo: DDIM vs GE at 10 steps", command="optidiff demo-samplers")
     run.write_text("config.toml", dump_toml(cfg))
     echo(f"run directory: {run.path}")
     task = Toy2DTask(dataset="gaussian_mixture", n=50_000, seed=0)
-    model = train_run(cfg, task, run, progress=progress)
+    model = train_run(cfg, task, run, progress=progress, device=dev)
     schedule = build_schedule(cfg.schedule)
     g = torch.Generator().manual_seed(0)
     x_init = schedule.sigmas[-1].item() * torch.randn(n, 2, generator=g)  # shared by all
@@ -151,8 +148,8 @@ def demo_samplers(run_dir: str | Path | None = None, *, steps: int = 4000, n: in
             x = gaussian_mixture(n, 2)
         else:
             x0 = x_init.double() if m is exact else x_init
-            x = draw(m, schedule.sample_sigmas(k, final_zero=True), {"name": sampler, "seed": 0},
-                     x_init=x0).float()
+            x = draw(m.to(dev), schedule.sample_sigmas(k, final_zero=True),
+                     {"name": sampler, "seed": 0}, x_init=x0, device=dev).float()
             run.save_samples(f"{'exact' if m is exact else 'trained'}-{sampler}-{k}", x)
         xs[label] = x
         rows.append(run.log(event="sample", label=label, sampler=sampler, nfe=k,

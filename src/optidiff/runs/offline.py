@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..checkpoint import save_tensors, write_text
 from ..config import OfflineConfig, build_schedule, load_config
+from ..device import resolve_device
 from ..optimize import fit_reward, gradient_ascent, reward_conditioned, reward_guided
 from ..report import metrics_figure
 from .common import build_task, check_resume
@@ -33,14 +34,13 @@ TRAIN_DEFAULTS = {"steps": 4000, "batch_size": 256, "lr": 1e-3, "weight_decay": 
 
 
 def run_offline(cfg: OfflineConfig, task: Any, run: RunDir, *, resume: bool = False,
-                progress: bool | None = None) -> dict[str, Any]:
+                progress: bool | None = None, device: Any = "cpu") -> dict[str, Any]:
     """Fit, train and generate for every target and seed of ``cfg`` in ``run``; returns the
     summary (timings and records)."""
     m, g, r = cfg.method, cfg.generate, cfg.reward
     s = cfg.sampler.resolved(name="ddpm", steps=100, batch_size=128)
     t = cfg.train.kwargs(**TRAIN_DEFAULTS, seed=0)
     seed = t.pop("seed")
-    t.pop("checkpoint_every", None), t.pop("log_every", None)
     t0 = time.perf_counter()
     data = task.offline_data()
     done = {(rec.get("target"), rec.get("seed")) for rec in run.metrics()}
@@ -76,7 +76,7 @@ def run_offline(cfg: OfflineConfig, task: Any, run: RunDir, *, resume: bool = Fa
                   **t, "sample_steps": s["steps"], "sampler": s["name"], "prior": g.prior,
                   "seed": seed, "progress": progress, "reward_scale": g.reward_scale,
                   "reward_target": g.reward_target, "reward_clip": g.reward_clip,
-                  "run_dir": run.path / "train", "resume": resume}
+                  "run_dir": run.path / "train", "resume": resume, "device": device}
         if m.name == "reward_conditioned":
             res = reward_conditioned(
                 data.unlabeled, data.x_labeled, data.y_labeled, model_kwargs=model_kwargs,
@@ -96,7 +96,7 @@ def run_offline(cfg: OfflineConfig, task: Any, run: RunDir, *, resume: bool = Fa
                 if (str(target), k) in done:
                     continue
                 t2 = time.perf_counter()
-                x = res.generate(a, s["batch_size"], seed=k)
+                x = res.generate(a, s["batch_size"], seed=k).cpu()
                 record(str(target), a, k, x, time.perf_counter() - t2)
     timings["total_s"] = time.perf_counter() - t0
     summary = {"name": cfg.name, "task": cfg.task.name, "method": m.name, "timings": timings,
@@ -106,11 +106,12 @@ def run_offline(cfg: OfflineConfig, task: Any, run: RunDir, *, resume: bool = Fa
 
 
 def offline_command(config: str | Path, run_dir: str | Path | None = None, *,
-                    resume: bool = False, progress: bool | None = None,
+                    resume: bool = False, progress: bool | None = None, device: str = "auto",
                     echo: Callable[[str], None] = print) -> tuple[dict[str, Any], RunDir]:
     """Run ``optidiff optimize`` on an offline config: validate the config and the run directory
     (nothing written before both pass), run, then the plot and the report."""
     cfg = load_config(config, "offline")
+    dev = resolve_device(device)
     run = RunDir.prepare("offline", cfg.name, run_dir, resume=resume)
     check_resume(run, cfg, {})
     task = build_task(cfg, str(config))
@@ -119,7 +120,7 @@ def offline_command(config: str | Path, run_dir: str | Path | None = None, *,
     echo(f"run directory: {run.path}")
     if run.fresh:
         run.write_text("config.toml", Path(config).read_text(encoding="utf-8"))
-    summary = run_offline(cfg, task, run, resume=resume, progress=progress)
+    summary = run_offline(cfg, task, run, resume=resume, progress=progress, device=dev)
     run.save_figure(metrics_figure(summary["records"]), "metrics")
     run.write_report()
     return summary, run

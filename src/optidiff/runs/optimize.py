@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checkpoint import load_tensors, read_jsonl
 from ..config import ConfigError, FinetuneSection, OptimizeConfig, build_schedule, load_config
+from ..device import resolve_device
 from ..models import GaussianDenoiser
 from ..models.registry import checkpoint_sigmas, load_model
 from ..optimize import DSMFinetune, GaussianRefit, OptimizeResult, adaptive, gradient_guided
@@ -34,8 +37,8 @@ _REFERENCE_LABELS = {"global_max": "global max", "in_subspace_max": "in-subspace
                      "regularized_value": "f(x_λ*)"}
 
 
-def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool | None = None
-                ) -> tuple[Any, Schedule, dict[str, Any]]:
+def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool | None = None,
+                device: torch.device | str = "cpu") -> tuple[Any, Schedule, dict[str, Any]]:
     """(model, σ table, info) of a config's ``[model]`` (with ``[train]`` and ``[schedule]``)."""
     kind = cfg.model.resolved_kind("timemlp")
     default = NetworkSpec()
@@ -44,12 +47,12 @@ def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool |
             raise ConfigError(f"{source}: model.kind = 'exact': task {task.name!r} has no exact "
                               "denoiser")
         sched = build_schedule(cfg.schedule) if cfg.schedule else default.schedule()
-        return task.exact_model(), sched, {"kind": "exact"}
+        return task.exact_model().to(device), sched, {"kind": "exact"}
     if kind == "load":
         path = cfg.model.checkpoint
         if not Path(path).exists():
             raise ConfigError(f"{source}: model.checkpoint: no checkpoint at {path!r}")
-        model = load_model(path).requires_grad_(False)
+        model = load_model(path, device=device).requires_grad_(False)
         if tuple(getattr(model, "input_shape", ())) != tuple(task.input_shape):
             raise ConfigError(f"{source}: model.checkpoint: {path!r} holds a model of samples "
                               f"shaped {getattr(model, 'input_shape', None)}, but task "
@@ -68,12 +71,13 @@ def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool |
                              if k in t},
                           **{k: sch[k] for k in ("sigma_min", "sigma_max") if k in sch},
                           **({"n_sigmas": sch["n"]} if "n" in sch else {})})
-    model, info = pretrained_network(task, spec, cache=cfg.train.cache, progress=progress)
+    model, info = pretrained_network(task, spec, cache=cfg.train.cache, progress=progress,
+                                     device=device)
     return model, spec.schedule(), {"kind": "timemlp", **info}
 
 
 def _run(cfg: OptimizeConfig, task: Any, model: Any, sched: Schedule, run_dir: Path, *,
-         resume: bool, progress: bool | None) -> OptimizeResult:
+         resume: bool, progress: bool | None, device: torch.device) -> OptimizeResult:
     o = cfg.optimize
     s = cfg.sampler.resolved(name="ddpm", steps=50, batch_size=32)
     sigmas = sched.sample_sigmas(s["steps"], final_zero=True)
@@ -82,14 +86,15 @@ def _run(cfg: OptimizeConfig, task: Any, model: Any, sched: Schedule, run_dir: P
               "target": o.target, "guidance": o.guidance, "gradient_at": o.gradient_at,
               "noise_std": o.noise_std, "beta": o.beta, "sampler": s["name"],
               "sampler_kwargs": skw, "top_k": o.top_k, "metrics": task.metrics,
-              "run_dir": run_dir, "resume": resume, "seed": o.seed, "progress": progress}
+              "run_dir": run_dir, "resume": resume, "seed": o.seed, "progress": progress,
+              "device": device}
     objective = task.objective(cfg.task.objective)
     if o.algorithm == "gradient_guided":
         return gradient_guided(model, objective, sigmas, **common)
     ft = cfg.finetune or FinetuneSection()
     if isinstance(model, GaussianDenoiser) or cfg.model.kind == "exact":
         # exact fine-tuning: refit a Gaussian to the samples
-        model, finetune = GaussianDenoiser(task.mean, task.cov), GaussianRefit()
+        model, finetune = GaussianDenoiser(task.mean, task.cov).to(device), GaussianRefit()
     else:  # fine-tune a copy: the cached pre-trained network stays as it is
         model = copy.deepcopy(model).requires_grad_(True)
         finetune = DSMFinetune(lr=ft.lr, steps=ft.steps_per_round, batch_size=ft.batch_size,
@@ -127,22 +132,24 @@ def write_optimize_report(run: RunDir, task: Any, objective: str, runs: dict[str
 
 
 def optimize_command(config: str | Path, run_dir: str | Path | None = None, *,
-                     resume: bool = False, progress: bool | None = None,
+                     resume: bool = False, progress: bool | None = None, device: str = "auto",
                      echo: Callable[[str], None] = print) -> tuple[OptimizeResult, RunDir]:
     """Run ``optidiff optimize`` on a generative-optimization config: validate the config and the
     run directory (nothing written before both pass), build the task and the model, run the
     rounds (every one written and resumable), then the plots and the report."""
     cfg = load_config(config, "optimize")
+    dev = resolve_device(device)
     run = RunDir.prepare("optimize", cfg.name, run_dir, resume=resume)
     check_resume(run, cfg, {"optimize": {"rounds"}})
     task = build_task(cfg, str(config))
-    model, sched, info = build_model(cfg, task, str(config), progress=progress)
+    model, sched, info = build_model(cfg, task, str(config), progress=progress, device=dev)
     run.start(title=f"optidiff optimize: {cfg.name}", command=f"optidiff optimize {config}")
     echo(f"run directory: {run.path}")
     if run.fresh:
         run.write_text("config.toml", Path(config).read_text(encoding="utf-8"))
         run.write_text("model.json", json.dumps(info, indent=1, default=str))
-    result = _run(cfg, task, model, sched, run.path, resume=resume, progress=progress)
+    result = _run(cfg, task, model, sched, run.path, resume=resume, progress=progress,
+                  device=dev)
     refs = references(task, cfg.task.objective, cfg.optimize.increment, cfg.optimize.noise_std)
     write_optimize_report(run, task, cfg.task.objective, {cfg.optimize.guidance: run.path}, refs,
                           f"optidiff optimize: {cfg.name}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..checkpoint import has_checkpoint
 from ..config import build_schedule, load_config
+from ..device import resolve_device
 from ..models.registry import checkpoint_sigmas, load_model
 from ..report import scatter_figure
 from ..sampling import resolve_sampler
@@ -39,13 +40,14 @@ def sample_command(checkpoint: str | Path, run_dir: str | Path | None = None, *,
                    sampler: str = "ge", steps: int = 10, batch_size: int = 1000,
                    gamma: float | None = None, mu: float | None = None, seed: int = 0,
                    final_zero: bool = True, config: str | Path | None = None,
-                   progress: bool | None = None,
+                   progress: bool | None = None, device: str = "auto", precision: str = "fp32",
                    echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Load the checkpoint, sample, and write samples, metrics, a scatter plot for 2-D data and
     the report into a fresh ``sample`` run directory. Returns the record with the paths."""
     if steps < 1 or batch_size < 1:
         raise RunError(f"--steps and --batch-size must be >= 1, got --steps {steps}, "
                        f"--batch-size {batch_size}")
+    dev = resolve_device(device)
     ckpt, found = _find_checkpoint(Path(checkpoint))
     cfg_path = Path(config) if config is not None else found
     cfg = load_config(cfg_path) if cfg_path is not None else None
@@ -57,18 +59,19 @@ def sample_command(checkpoint: str | Path, run_dir: str | Path | None = None, *,
             raise RunError(f"--checkpoint {ckpt} stores no σ table; pass --config with the "
                            "[schedule] the model was trained on")
         schedule, origin = Schedule(table), f"the σ table of {ckpt}"
-    model = load_model(ckpt)
+    model = load_model(ckpt, device=dev)
     run = RunDir.prepare("sample", "sample", run_dir)
     task = build_task(cfg, str(cfg_path)) if cfg is not None and hasattr(cfg, "task") else None
     if task is not None and tuple(task.input_shape) != tuple(model.input_shape):
         task = None  # a config of another problem: no metrics
-    s = {"name": sampler, "batch_size": batch_size, "gamma": gamma, "mu": mu, "seed": seed}
+    s = {"name": sampler, "batch_size": batch_size, "gamma": gamma, "mu": mu, "seed": seed,
+         "precision": precision}
     resolve_sampler(sampler, gamma, mu)  # a bad option is refused before the run starts
     sigmas = schedule.sample_sigmas(steps, final_zero=final_zero)
     run.start(title=f"optidiff sample: {ckpt}", command=f"optidiff sample --checkpoint {ckpt}")
     echo(f"run directory: {run.path}")
     echo(f"schedule: {schedule} (from {origin})")
-    x = draw(model, sigmas, s, progress=progress)
+    x = draw(model, sigmas, s, progress=progress, device=dev)
     record = run.log(event="sample", checkpoint=str(ckpt), sampler=sampler, gamma=gamma, mu=mu,
                      steps=steps, batch_size=batch_size, seed=seed,
                      **(task.metrics(x) if task is not None else {}))

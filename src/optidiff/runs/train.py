@@ -13,8 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..checkpoint import has_checkpoint, load_checkpoint
 from ..config import TrainConfig, build_schedule, load_config
+from ..device import resolve_device
 from ..report import loss_figure, scatter_figure
 from ..training import train
 from .common import build_network, build_task, check_resume, draw
@@ -33,25 +36,26 @@ SAMPLER_DEFAULTS = {"name": "ge", "steps": 10, "batch_size": 2000, "seed": 0, "f
 
 
 def train_run(cfg: TrainConfig, task: Any, run: RunDir, *, resume: bool = False,
-              progress: bool | None = None):
-    """Train the config's network on ``task.data()`` in ``run`` (checkpoint, metrics.jsonl, loss
-    plot). Returns the EMA model in eval mode."""
+              progress: bool | None = None, device: torch.device | str = "cpu"):
+    """Train the config's network on ``task.data()`` on ``device`` in ``run`` (checkpoint,
+    metrics.jsonl, loss plot). Returns the EMA model in eval mode."""
     t = cfg.train.kwargs(**TRAIN_DEFAULTS)
     kind = cfg.model.resolved_kind("timemlp")
     model = build_network(cfg.model, kind, task, t["seed"], **MODEL_DEFAULTS[kind])
     result = train(model, task.data(), schedule=build_schedule(cfg.schedule), run_dir=run.path,
-                   resume=resume, progress=progress, **t)
+                   resume=resume, progress=progress, device=device, **t)
     run.save_figure(loss_figure(result.losses), "loss")
     return result.ema.eval()
 
 
 def train_command(config: str | Path, run_dir: str | Path | None = None, *,
-                  resume: bool = False, progress: bool | None = None,
+                  resume: bool = False, progress: bool | None = None, device: str = "auto",
                   echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``optidiff train``: validate the config and the run directory (nothing is written
     before both pass), train, sample with ``[sampler]``, write the report. Returns the sample
     record (the task's metrics) with the paths."""
     cfg = load_config(config, "train")
+    dev = resolve_device(device)
     run = RunDir.prepare("train", cfg.name, run_dir, resume=resume)
     check_resume(run, cfg, {"train": {"steps"}})
     ckpt = run.path / "checkpoint"
@@ -65,11 +69,11 @@ def train_command(config: str | Path, run_dir: str | Path | None = None, *,
     if run.fresh:
         run.write_text("config.toml", text)
     echo(f"run directory: {run.path}")
-    model = train_run(cfg, task, run, resume=resume, progress=progress)
+    model = train_run(cfg, task, run, resume=resume, progress=progress, device=dev)
     run.write_text("config.toml", text)  # a resumed run may have changed train.steps
     s = cfg.sampler.resolved(**SAMPLER_DEFAULTS)
     sigmas = build_schedule(cfg.schedule).sample_sigmas(s["steps"], final_zero=s["final_zero"])
-    x = draw(model, sigmas, s, progress=progress)
+    x = draw(model, sigmas, s, progress=progress, device=dev)
     record = run.log(event="sample", sampler=s["name"], gamma=s["gamma"], mu=s["mu"],
                      steps=s["steps"], batch_size=s["batch_size"], seed=s["seed"],
                      **task.metrics(x))

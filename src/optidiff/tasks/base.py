@@ -115,14 +115,15 @@ class NetworkSpec:
 
 
 def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: bool = True,
-                       progress: bool | None = None, threads: int | None = None
-                       ) -> tuple[Any, dict]:
+                       progress: bool | None = None, threads: int | None = None,
+                       device: torch.device | str | None = None) -> tuple[Any, dict]:
     """The task's trained score network: trained on ``task.data()`` on first use and cached
     (:func:`optidiff.cache.cached`, keyed by the task, its seed and ``spec``).
 
     Returns ``(model in eval mode, info)``; ``info`` holds the training time, the final loss, the
     parameter count and ``cached`` (whether it was loaded). ``threads`` sets
-    ``torch.set_num_threads`` during training (restored afterwards).
+    ``torch.set_num_threads`` during training (restored afterwards); ``device`` is where to train
+    when it must (the cache entry does not depend on it) and where the model is returned.
     """
     from ..models import TimeMLP
     from ..training import train
@@ -140,7 +141,7 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
             t0 = time.perf_counter()
             res = train(net, task.data(), steps=spec.steps, batch_size=spec.batch_size,
                         lr=spec.lr, schedule=spec.schedule(), ema_decay=spec.ema_decay,
-                        seed=spec.seed, progress=progress)
+                        seed=spec.seed, progress=progress, device=device)
             seconds = time.perf_counter() - t0
         finally:
             torch.set_num_threads(old)
@@ -151,7 +152,7 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
 
     recipe = {"task": task.name, "task_seed": task.seed, "dim": dim, **asdict(spec)}
     model = cached(f"networks/{task.name}", recipe, build, use_cache=cache)
-    return model, dict(model.train_info)
+    return model.to(device or "cpu"), dict(model.train_info)
 
 
 def check_objective(task: Any, name: str) -> str:
