@@ -1,11 +1,11 @@
-"""Seed 000's figures with a trained score network: G vs G_loss, Algorithm 1 vs 2, subspace and sphere.
+"""The figures of Guo et al. (NeurIPS 2024) with a trained score network: G vs G_loss, Algorithm 1 vs 2, subspace and sphere.
 
-What seed 000 reports (``research/ggdm.md`` §6.2; trends only, no numbers were published):
+What Guo et al. report (trends only, no numbers were published):
 Fig. 4, G_loss keeps the off-subspace ratio at its pre-trained level while naive G drifts away;
 Fig. 5, Algorithm 1 plateaus at a regularized optimum and Algorithm 2 climbs toward the global
 maximum; Fig. 11, on the sphere G_loss dominates G.
 
-Setting (the official one, ``ggdm.md`` §6.1, at a smaller scale so that the whole benchmark runs in
+Setting (their official code's, github.com/yukang123/GGDMOptim, at a smaller scale so that the whole benchmark runs in
 ≤ 15 minutes on 2 CPU cores): the ``subspace`` task (D = 64, d = 16, 65,536 pre-training points)
 and the ``sphere`` task, each with a small TimeMLP pre-trained by ``od.train`` on first use and
 cached (``optidiff.tasks.subspace.pretrained_network``); per-sample gradients and the increment
@@ -239,7 +239,7 @@ def run(quick: bool = False, threads: int | None = 1, plots_dir: Path | None = N
                       f"f at the data mean {ref['pretrain_mean_value']:.3f}):")
         md += ["", markdown_table(sec["rows"], digits=3), "",
                f"![{name}]({os.path.relpath(plots[name], RESULTS_DIR.parents[1])})", ""]
-    md += ["Claims of seed 000 as measured here:", "", markdown_table(claims), "",
+    md += ["Claims of Guo et al. (NeurIPS 2024) as measured here:", "", markdown_table(claims), "",
            ("Why (diagnostics on the subspace network): the look-ahead guidance G_loss = "
            "2β(y − gᵀx0_hat)·Jᵀg needs J = ∂x0_hat/∂x; with exact subspace scores Jᵀg lies in "
            "span(A). At g = ∇f1(0) = 6θ (θ 99 % off-subspace):"), "",

@@ -6,14 +6,14 @@ targets are ``i mod 10`` (every class equally often), all runs from one shared i
 
 - ``Classifier``: classifier guidance ``G = s·∇ₓ log c(y | x, σ)`` with the cached
   noise-conditional classifier (an MLP trained on noisy digits), for several scales s.
-- ``LookAhead``: seed 000's Algorithm 1 with look-ahead guidance G_loss on the log-probability of
+- ``LookAhead``: Algorithm 1 of Guo et al. (NeurIPS 2024) with look-ahead guidance G_loss on the log-probability of
   the same noise-conditional classifier at σ_f = 2 (``steer_lookahead``): per-sample
   linearisation, increment δ nats per round, ``rounds`` rounds, each from the same initial noise;
   every (δ, round) is a point.
 
 Evaluation by a different network: the clean CNN classifier (``pretrained_classifier``): target
 accuracy (argmax = target) and the mean probability of the target; FD of the guided batch (in that
-CNN's penultimate features) against the held-out real images. Goal (the issue): target accuracy
+CNN's penultimate features) against the held-out real images. Goal: target accuracy
 ≥ 90 % at a strength whose FD stays within 2× the unguided FD.
 """
 

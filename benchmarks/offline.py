@@ -1,6 +1,6 @@
 """Offline reward maximization: reward-conditioned diffusion on `subspace` (SubOpt vs target) and TFBind8.
 
-Part 1, ``subspace`` (seed 002's simulation; Yuan et al. 2023, Li et al. 2024 §7): x = A·u in R⁶⁴,
+Part 1, ``subspace`` (the simulation of the Wang & Chen tutorial; Yuan et al., NeurIPS 2023): x = A·u in R⁶⁴,
 u ~ N(0, I₁₆), A the first 16 columns of a seeded Haar-random orthogonal matrix; linear reward
 f*(x) = θᵀx with a unit θ in span(A) (so f* ~ N(0, 1) on the data); 65,536 unlabeled points;
 labels y = f* + N(0, 0.5²) for a budget of n_label points (32, 256, 8192). Pipeline
@@ -9,7 +9,7 @@ point → ConditionalMLP (hidden 256, depth 3) trained by DSM with condition dro
 samples at each target a (plain conditional sampling, w = 1; DDPM sampler, 50 steps). Reported:
 SubOpt(a) = a − mean f*(x) and the off-support distance mean ‖(I − AAᵀ)x‖ (0 for the data). The
 classifier-guidance variant (unconditional TimeMLP + reward-gradient guidance, scale 20, move clip 1)
-is run at the largest budget for comparison. Seed 002's claim: the reward tracks the target while the
+is run at the largest budget for comparison. The tutorial's claim: the reward tracks the target while the
 target is inside the data's support; past it (a ≳ 3 here) SubOpt and the off-support error grow.
 
 Part 2, ``tfbind8`` (Design-Bench TFBind8-Exact-v0 rebuilt exactly, :mod:`optidiff.tasks.tfbind8`):
@@ -53,7 +53,7 @@ from optidiff.tasks.subspace import LinearSubspaceTask
 
 NAME = "offline"
 
-# published numbers (research/offline_mbo.md §2.2, §2.3): 100th percentile, normalised
+# published numbers (DDOM, Krishnamoorthi et al., ICML 2023, Table 1; the Design-Bench README): 100th percentile, normalised
 PUBLISHED_DDOM = [
     ("DDOM (own code's reference value; paper Table 1, unverified)", "0.971 ± 0.005",
      "DDOM protocol (256 or 512 candidates, 5 seeds reported by third parties)"),
@@ -284,7 +284,8 @@ def _markdown(sub: dict | None, tf: dict | None, threads: int) -> str:
                 "seconds per seed of everything the method needs (reward fit, training, "
                 "sampling), mean and max over seeds, on the machine recorded in "
                 "`results/offline.json`. Published "
-                "100th-percentile numbers on TFBind8 (`research/offline_mbo.md` §2.2–§2.3):"), ""]
+                "100th-percentile numbers on TFBind8 (Krishnamoorthy et al., DDOM, ICML 2023, Table 1; "
+                "the Design-Bench README, Trabucco et al., ICML 2022):"), ""]
         pub = [{"source": a, "100th pct": b, "protocol": c} for a, b, c in PUBLISHED_DDOM]
         pub += [{"source": f"Design-Bench README: {a}", "100th pct": b,
                  "protocol": "128 candidates, 8 trials"} for a, b in DESIGN_BENCH_README]

@@ -1,8 +1,8 @@
-"""Algorithm 1 (and 2) of seed 000 on exact Gaussian models against the closed-form optima.
+"""Algorithm 1 (and 2) of Guo et al. (NeurIPS 2024) on exact Gaussian models against the closed-form optima.
 
-Seed 000's Theorem 2: for concave, L-smooth f and a linear score, the batch mean z̄_k of Algorithm 1
+Their Theorem 2: for concave, L-smooth f and a linear score, the batch mean z̄_k of Algorithm 1
 converges linearly to x_λ* = argmax f(x) − (λ/2)‖x − x̄0‖²_{Σ̄0⁻¹}; with the increment rule
-y = gᵀz̄ + δ and the Lemma-1 step size, λ = σ_y²/δ (``research/ggdm.md`` §7.3). Exact models make
+y = gᵀz̄ + δ and the Lemma-1 step size, λ = σ_y²/δ (derived in :mod:`optidiff.optimize.gradient_guided`). Exact models make
 every error the algorithm's (and the sampler's): the guided model is the exact denoiser of the
 pre-training Gaussian, the gradient is taken at the batch mean (the paper's rule).
 
@@ -16,7 +16,7 @@ Sections:
   σ_y = 0.1 (the official value), each objective at several δ: the final |f(z̄_K) − f(x_λ*)|.
 - ``adaptive``: Algorithm 2 with exact fine-tuning (the Gaussian refitted to the generated
   samples): the gap f* − f(z̄_K) to the global maximum against Algorithm 1's plateau
-  f* − f(x_λ*), with the fitted log-log slope of the gap (seed 000: O(D·L·log K/K)).
+  f* − f(x_λ*), with the fitted log-log slope of the gap (Guo et al.'s rate for Algorithm 2: O(D·L·log K/K)).
 
 Sampler: DPM-Solver++(2M) on a log-linear grid σ ∈ [0.01, 1000] with a final σ = 0 (the most
 accurate sampler for these denoisers in the ``samplers`` benchmark; its per-round covariance error

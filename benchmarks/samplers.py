@@ -1,6 +1,6 @@
 """Sample quality vs NFE of DDIM, DDPM, GE (γ=2), DPM-Solver++(2M) and Heun on exact denoisers.
 
-Part (a) of the ``samplers`` benchmark (DESIGN.md §5): the denoisers are exact, so the target law is
+Part (a) of the ``samplers`` benchmark: the denoisers are exact, so the target law is
 known and every error is the sampler's (discretisation) error.
 
 Problems
@@ -19,7 +19,7 @@ denoised estimate, and Heun's last step is Euler; NFE = steps, Heun: steps = (NF
 2·steps − 1 (5, 9, 19, 49). All runs of a problem share one initial noise (common random numbers);
 everything runs in float64.
 
-Seed 003's claim (Permenter & Yuan, CIFAR-10/CelebA FID table): GE at N=10 beats DDIM at N=10 by a
+Permenter & Yuan's claim (ICML 2024, their CIFAR-10/CelebA FID table): GE at N=10 beats DDIM at N=10 by a
 wide margin and reaches DDIM-at-N=50 quality.
 """
 
@@ -169,7 +169,7 @@ def equivalent_nfe(value: float, points: list[tuple[int, float]]) -> str:
 
 
 def claims(rows: list[dict]) -> list[dict]:
-    """Seed 003's claim per problem and schedule: GE@10 vs DDIM@10 and DDIM@50 (exact law where
+    """Permenter & Yuan's claim per problem and schedule: GE@10 vs DDIM@10 and DDIM@50 (exact law where
     available, otherwise Monte Carlo)."""
     out = []
     look = {(r["problem"], r["schedule"], r["sampler"], r["nfe_target"]): r for r in rows}
@@ -191,7 +191,7 @@ def claims(rows: list[dict]) -> list[dict]:
 
 
 def gamma_sweep(problem: Subspace, schedules_, nfes, gammas=GAMMAS) -> list[dict]:
-    """Exact W2² of the (γ, μ=0) sampler on the subspace Gaussian for several γ (seed 003 tuned γ
+    """Exact W2² of the (γ, μ=0) sampler on the subspace Gaussian for several γ (Permenter & Yuan tuned γ
     per N: 2.0–2.8)."""
     rows = []
     for sname, sched in schedules_.items():
@@ -241,7 +241,7 @@ def run(quick: bool = False, threads: int | None = None) -> dict:
           "Exact W2² of the output law (`subspace`, deterministic samplers: no Monte-Carlo error):",
           "", markdown_table(pivot(rows, nfes, "exact"), cols)]
     if cl:
-        md += ["", ("Seed 003's claim (GE at 10 NFE vs DDIM at 10 and 50; exact law where "
+        md += ["", ("Permenter & Yuan's claim (GE at 10 NFE vs DDIM at 10 and 50; exact law where "
                     "available):"), "",
                markdown_table(cl, list(cl[0].keys()), digits=3)]
     md += ["", "GE's γ (μ = 0; γ = 1 is DDIM, γ = 2 is GE): exact W2² on `subspace`:", "",

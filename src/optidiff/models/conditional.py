@@ -1,6 +1,6 @@
 """A reward-conditioned ε-network for vector data: ``ConditionalMLP(dim, cond_dim)(x, σ, cond=y)``.
 
-Seed 002's offline reward maximization trains ``s(x, y, t)`` on pseudo-labelled data and samples
+The offline reward maximization of the Wang & Chen tutorial (after Yuan et al., NeurIPS 2023) trains ``s(x, y, t)`` on pseudo-labelled data and samples
 at ``y = a``; DDOM (Krishnamoorthy et al. 2023) does the same with condition dropout so that one
 network also gives the unconditional score for classifier-free guidance. DDOM drops y to 0,
 which coincides with the mean of its z-scored labels; here a dropped condition is a separate
