@@ -190,7 +190,7 @@ def test_model_registry(monkeypatch):
     class Plain(nn.Linear):
         pass
 
-    with pytest.raises(ValueError, match="'Plain' is not registered"):
+    with pytest.raises(ValueError, match="Plain' is not registered"):
         model_to_config(Plain(2, 2))
     with pytest.raises(ckpt.CheckpointError, match="registered model class"):
         model_from_config({"class": "Nope"})

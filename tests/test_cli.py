@@ -393,11 +393,14 @@ def test_example_configs_are_valid_and_use_current_spellings():
     import warnings
     from pathlib import Path
 
+    from optidiff.plugins import search_path
+
     examples = Path(cli.__file__).parents[2] / "examples"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), search_path(examples):  # the configs' plug-ins live there
         warnings.simplefilter("error", DeprecationWarning)
         configs = {p.stem: load_config(p) for p in sorted(examples.glob("*.toml"))}
-    assert {"train_toy", "optimize_subspace", "offline_tfbind8"} <= set(configs)
+    assert {"train_toy", "optimize_subspace", "offline_tfbind8", "custom_train",
+            "custom_optimize"} <= set(configs)
     cfg = configs["train_toy"]
     assert cfg.task.params()["dataset"] == "swiss_roll" and cfg.sampler.name == "ge"
     assert configs["offline_tfbind8"].generate.reward_scale == 300.0
@@ -462,9 +465,9 @@ def test_readme_diffusers_example_runs(tmp_path):
 
 
 def test_readme_config_is_valid():
-    import tomllib
-
     import warnings
+
+    import tomllib
 
     (block,) = _readme_blocks("toml")
     with warnings.catch_warnings():

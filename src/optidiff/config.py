@@ -37,6 +37,7 @@ from pydantic import ConfigDict, Field, create_model, field_validator, model_val
 
 from . import schedules as S
 from .optimize.offline import ddom_schedule
+from .plugins import is_import_path
 from .sampling import SAMPLERS, resolve_sampler
 from .schema import ConfigError, RunName, Section, Seed, choice, move_keys, read_toml, validate
 from .tasks import TASKS, task_class
@@ -56,7 +57,8 @@ def _task_params(name: str) -> type[Section]:
     cls = task_class(name)
     hints = typing.get_type_hints(cls)
     fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else ...)
-              for f in dataclasses.fields(cls) if f.init}
+              for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())
+              if f.init}
     return create_model(f"{cls.__name__}Params", __base__=Section, **fields)
 
 
@@ -71,8 +73,9 @@ class TaskSection(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in TASKS:
-            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}")
+        if v not in TASKS and not is_import_path(v):
+            raise ValueError(f"unknown task {v!r}; choose one of {', '.join(TASKS)}, or name "
+                             "your own task class as 'package.module:Class'")
         return v
 
     @model_validator(mode="after")
@@ -90,9 +93,11 @@ class TaskSection(Section):
                              f"{', '.join(_task_params(self.name).model_fields) or 'none'})"
                              ) from None
         objectives = getattr(task_class(self.name), "objectives", ())
-        if self.objective is not None and self.objective not in objectives:
+        if self.objective is not None and not is_import_path(self.objective) \
+                and self.objective not in objectives:
             raise ValueError(f"objective {self.objective!r} is not an objective of task "
-                             f"{self.name!r}; choose one of {', '.join(objectives) or '(none)'}")
+                             f"{self.name!r}; choose one of {', '.join(objectives) or '(none)'},"
+                             " or name your own as 'package.module:function'")
         return self
 
     def params(self) -> dict[str, Any]:
@@ -115,11 +120,13 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 class ModelSection(Section):
-    """``[model]``: ``kind`` (a network to train, ``load`` a checkpoint, or ``exact``, the task's
-    exact denoiser) and only the parameters that kind takes."""
+    """``[model]``: ``kind`` (a network to train, ``load`` a checkpoint, ``exact``, the task's
+    exact denoiser, or the import path ``"package.module:Class"`` of your own network class or
+    builder, called with the ``args`` table) and only the parameters that kind takes."""
 
-    kind: Literal["timemlp", "conditional_mlp", "unet", "load", "exact"] | None = None
+    kind: str | None = None
     checkpoint: str | None = Field(None, min_length=1)
+    args: dict[str, Any] | None = None
     hidden: int | None = Field(None, gt=0, le=65_536)
     depth: int | None = Field(None, gt=0, le=64)
     emb_dim: int | None = Field(None, gt=0, le=65_536, multiple_of=2)
@@ -136,6 +143,14 @@ class ModelSection(Section):
         """The set parameters (other than ``kind``)."""
         return {k: v for k, v in self.model_dump(exclude={"kind"}).items() if v is not None}
 
+    @field_validator("kind")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in MODELS and not is_import_path(v):
+            raise ValueError(f"unknown model kind {v!r}; choose one of {', '.join(MODELS)}, or "
+                             "name your own network as 'package.module:Class'")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
         if self.kind is not None:
@@ -146,7 +161,7 @@ class ModelSection(Section):
         """``kind``, or the run's ``default`` kind when unset, after checking that the set
         parameters belong to it (a ValueError naming them otherwise)."""
         kind = self.kind or default
-        allowed = MODELS[kind][1]
+        allowed = ("args",) if is_import_path(kind) else MODELS[kind][1]
         extra = [k for k in self.params() if k not in allowed]
         if extra:
             raise ValueError(f"model kind {kind!r} takes {', '.join(allowed) or 'no parameters'};"
@@ -223,11 +238,28 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16", "fp16"] | None = None
     num_workers: int | None = Field(None, ge=0, le=256)
     cache: bool = True
+    data: str | None = None
+    data_args: dict[str, Any] | None = None
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, v: str | None) -> str | None:
+        if v is not None and not is_import_path(v):
+            raise ValueError(f"{v!r} is not an import path 'package.module:function' of a data "
+                             "source")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSection:
+        if self.data_args is not None and self.data is None:
+            raise ValueError("data_args needs data = 'package.module:function'")
+        return self
 
     def kwargs(self, **defaults: Any) -> dict[str, Any]:
-        """The set values over ``defaults`` (``cache`` excluded)."""
-        return {**defaults, **{k: v for k, v in self.model_dump(exclude={"cache"}).items()
-                               if v is not None}}
+        """The set values over ``defaults`` (``cache`` and the data source excluded): the
+        keyword arguments of :func:`optidiff.train`."""
+        return {**defaults, **{k: v for k, v in self.model_dump(
+            exclude={"cache", "data", "data_args"}).items() if v is not None}}
 
 
 class SamplerSection(Section):
@@ -315,9 +347,10 @@ class OptimizeConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> OptimizeConfig:
         objectives = getattr(task_class(self.task.name), "objectives", ())
-        if not objectives:
-            raise ValueError(f"task {self.task.name!r} has no objectives to optimize")
         if self.task.objective is None:
+            if not objectives:
+                raise ValueError(f"task {self.task.name!r} has no objectives of its own; name "
+                                 "one as task.objective = 'package.module:function'")
             self.task.objective = objectives[0]
         if self.model.resolved_kind("timemlp") not in ("timemlp", "load", "exact"):
             raise ValueError(f"model.kind = {self.model.kind!r}: optimize runs pre-train a "
@@ -439,7 +472,7 @@ class TrainConfig(Section):
     """A whole ``optidiff train`` run; ``name`` names the run directory ``runs/<name>-<time>``."""
 
     name: RunName = "train"
-    task: TaskSection = Field(default_factory=TaskSection)
+    task: TaskSection | None = None
     model: ModelSection = Field(default_factory=ModelSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -447,7 +480,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.task.objective is not None:
+        if self.task is None and self.train.data is None:
+            self.task = TaskSection()  # the data of the default task
+        if self.task is not None and self.task.objective is not None:
             raise ValueError("task.objective belongs to optimize configs")
         if self.model.resolved_kind("timemlp") in ("load", "exact"):
             raise ValueError(f"model.kind = {self.model.kind!r}: a train config trains a network")
@@ -571,6 +606,9 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(u) for u in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(u)}"
+                               for k, u in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from . import rng
 from .checkpoint import CheckpointError, set_generator_state
 
-__all__ = ["ArrayDataset", "batch_stream", "first_batch"]
+__all__ = ["ArrayDataset", "batch_stream", "first_batch", "sample_shape"]
 
 
 class ArrayDataset(Dataset):
@@ -195,3 +195,19 @@ def first_batch(stream: Any) -> tuple[Tensor, Tensor | None]:
     batch = stream.next()
     stream.load_state_dict(saved)
     return batch
+
+
+def sample_shape(data: Any) -> tuple[int, ...] | None:
+    """The shape of one sample of ``data`` (a tensor or array: its rows; a map-style dataset or a
+    loader over one: its first item's ``x``), or None when it cannot be known without iterating."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, (Tensor, np.ndarray)):
+        return tuple(data.shape[1:])
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) \
+            and hasattr(data, "__len__") and len(data) > 0:
+        item = data[0]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        return tuple(np.shape(x))
+    return None
+

@@ -4,6 +4,10 @@ A network class joins the registry with :func:`register_model` (a class decorato
 arguments every instance was constructed with, exposed as ``model.config`` (JSON-able: tuples
 become lists), so ``type(model)(**model.config)`` rebuilds it. :func:`model_to_config` /
 :func:`model_from_config` turn a model into ``{"class": name, "config": {...}}`` and back;
+optidiff's own classes are named by their class name, a user's by their import path
+``"package.module:Class"``, which loading imports (:mod:`optidiff.plugins`) and then accepts only
+if the class it finds is registered, so a checkpoint can never make optidiff call anything but a
+registered network's constructor;
 :func:`save_model` / :func:`load_model` write and read a checkpoint directory
 (:mod:`optidiff.checkpoint`) holding the weights and that record.
 """
@@ -20,11 +24,18 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, pack, save_checkpoint, unpack
+from ..plugins import import_path, is_import_path, load_object
 
 __all__ = ["checkpoint_sigmas", "load_model", "model_from_config", "model_to_config",
            "register_model", "save_model"]
 
 _MODELS: dict[str, type[nn.Module]] = {}
+
+
+def _key(cls: type) -> str:
+    """A registered class's name in model records: optidiff's own by class name, others by
+    import path."""
+    return cls.__name__ if cls.__module__.split(".")[0] == "optidiff" else import_path(cls)
 
 
 def _jsonable(v: Any) -> Any:
@@ -56,27 +67,37 @@ def register_model(cls: type[nn.Module]) -> type[nn.Module]:
     cls.__init__ = __init__
     cls.config = property(lambda self: dict(self._init_config),
                           doc="Constructor arguments (JSON-able): ``type(m)(**m.config)`` rebuilds m.")
-    _MODELS[cls.__name__] = cls
+    _MODELS[_key(cls)] = cls
     return cls
 
 
 def model_to_config(model: nn.Module) -> dict[str, Any]:
     """``{"class": name, "config": model.config}`` for a registered model class."""
-    name = type(model).__name__
+    name = _key(type(model))
     if _MODELS.get(name) is not type(model):
         raise ValueError(f"model class {name!r} is not registered; decorate it with "
-                         f"optidiff.models.register_model (registered: {sorted(_MODELS)})")
+                         "optidiff.models.register_model")
     return {"class": name, "config": model.config}
 
 
 def model_from_config(config: Any, source: str = "model config") -> nn.Module:
     """A freshly initialised model from :func:`model_to_config`'s dict; a record that names no
     registered class or whose arguments the class does not take is a :class:`CheckpointError`
-    naming ``source``."""
-    if not isinstance(config, dict) or config.get("class") not in _MODELS:
-        found = config.get("class") if isinstance(config, dict) else config
+    naming ``source``. A class named by import path is imported first."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: the model record must be a JSON object, got {config!r}")
+    found = config.get("class")
+    if not isinstance(found, str):
+        raise CheckpointError(f"{source}: the model record names no class (got {found!r})")
+    if is_import_path(found) and found not in _MODELS:
+        try:
+            load_object(found, "model class")  # importing the module registers its classes
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from None
+    if found not in _MODELS:
         raise CheckpointError(f"{source}: class {found!r} is not a registered model class "
-                              f"({', '.join(sorted(_MODELS))})")
+                              f"({', '.join(sorted(_MODELS))}; a class of yours must be "
+                              "decorated with optidiff.models.register_model)")
     kwargs = config.get("config", {})
     if not isinstance(kwargs, dict):
         raise CheckpointError(f"{source}: 'config' must be a JSON object, got {kwargs!r}")

@@ -3,6 +3,9 @@ from config sections, sampling with a section's settings."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,19 +13,66 @@ from torch import Tensor, nn
 
 from .. import models, rng
 from ..config import ConfigError, load_config
+from ..plugins import load_object, search_path
 from ..sampling import sample
 from ..tasks import make_task
 from .rundir import RunDir, RunError
 
-__all__ = ["build_network", "build_task", "check_resume", "draw"]
+__all__ = ["build_network", "build_plugin_network", "build_task", "check_resume",
+           "config_plugins", "draw", "plugin"]
 
 
 def build_task(cfg: Any, source: str) -> Any:
-    """The config's task; a parameter the task rejects is a ConfigError naming ``task``."""
+    """The config's task (None for a train config without one); a parameter the task rejects is
+    a ConfigError naming ``task``."""
+    if cfg.task is None:
+        return None
     try:
         return make_task(cfg.task.name, **cfg.task.params())
     except (ValueError, TypeError, RuntimeError, MemoryError) as e:
         raise ConfigError(f"{source}: task: {e}") from None
+
+
+def plugin(spec: str, field: str, source: str, *, call: bool = False, **kwargs: Any) -> Any:
+    """The object an import path names (:mod:`optidiff.plugins`), or with ``call`` what calling it
+    with ``kwargs`` returns; an import error, or whatever the user's call raises, is one
+    ConfigError naming ``field``."""
+    try:
+        obj = load_object(spec, field)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not call:
+        return obj
+    try:
+        return obj(**kwargs)
+    except Exception as e:  # the user's code: whatever it raises is reported on the field
+        raise ConfigError(f"{source}: {field}: {spec}(**{kwargs}) raised "
+                          f"{type(e).__name__}: {e}") from None
+
+
+def config_plugins(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator of a command ``command(config, ...)``: the config's plug-ins are imported with
+    the config file's directory and the current directory at the front of the module path."""
+    @functools.wraps(command)
+    def run(config: str | Path, *args: Any, **kwargs: Any) -> Any:
+        with search_path(Path(config).parent, Path.cwd()):
+            return command(config, *args, **kwargs)
+    return run
+
+
+def build_plugin_network(model_cfg: Any, seed: int, source: str) -> nn.Module:
+    """The user's network ``kind(**args)`` initialised from ``seed``; it must be an ``nn.Module``
+    of a class decorated with ``optidiff.models.register_model`` (so that its checkpoints load)."""
+    with rng.seeded(seed):
+        net = plugin(model_cfg.kind, "model.kind", source, call=True, **(model_cfg.args or {}))
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"{source}: model.kind: {model_cfg.kind} returned a "
+                          f"{type(net).__name__}, not a torch.nn.Module")
+    try:
+        models.model_to_config(net)
+    except ValueError as e:
+        raise ConfigError(f"{source}: model.kind: {e}") from None
+    return net
 
 
 def build_network(model_cfg: Any, kind: str, task: Any, seed: int, **defaults: Any) -> nn.Module:

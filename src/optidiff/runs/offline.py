@@ -23,7 +23,7 @@ from ..config import OfflineConfig, build_schedule, load_config
 from ..device import resolve_device
 from ..optimize import fit_reward, gradient_ascent, reward_conditioned, reward_guided
 from ..report import metrics_figure
-from .common import build_task, check_resume
+from .common import build_task, check_resume, config_plugins
 from .rundir import RunDir
 
 __all__ = ["offline_command", "run_offline"]
@@ -105,6 +105,7 @@ def run_offline(cfg: OfflineConfig, task: Any, run: RunDir, *, resume: bool = Fa
     return summary
 
 
+@config_plugins
 def offline_command(config: str | Path, run_dir: str | Path | None = None, *,
                     resume: bool = False, progress: bool | None = None, device: str = "auto",
                     echo: Callable[[str], None] = print) -> tuple[dict[str, Any], RunDir]:

@@ -24,10 +24,12 @@ from ..device import resolve_device
 from ..models import GaussianDenoiser
 from ..models.registry import checkpoint_sigmas, load_model
 from ..optimize import DSMFinetune, GaussianRefit, OptimizeResult, adaptive, gradient_guided
+from ..optimize.objectives import Objective
+from ..plugins import is_import_path
 from ..report import curves_figure, projection_figure
 from ..schedules import Schedule
 from ..tasks.base import NetworkSpec, pretrained_network
-from .common import build_task, check_resume
+from .common import build_task, check_resume, config_plugins, plugin
 from .rundir import RunDir
 
 __all__ = ["build_model", "optimize_command", "references", "write_optimize_report"]
@@ -76,8 +78,29 @@ def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool |
     return model, spec.schedule(), {"kind": "timemlp", **info}
 
 
+def task_objective(cfg: OptimizeConfig, task: Any, source: str) -> Any:
+    """``[task] objective``: one of the task's, or your own ``f(x) -> (B,)`` (or
+    :class:`~optidiff.optimize.Objective`) named by import path."""
+    name = cfg.task.objective
+    if not is_import_path(name):
+        return task.objective(name)
+    f = plugin(name, "task.objective", source)
+    if not callable(f):
+        raise ConfigError(f"{source}: task.objective: {name} is a {type(f).__name__}, not a "
+                          "function f(x) -> (B,)")
+    return f if isinstance(f, Objective) else Objective(f, name=name)
+
+
+def _view(task: Any, objective: str) -> str:
+    """The objective whose 2-D projection the report plots: a plug-in objective is viewed as the
+    task's first own objective, if it has one."""
+    own = getattr(task, "objectives", ())
+    return objective if objective in own or not own else own[0]
+
+
 def _run(cfg: OptimizeConfig, task: Any, model: Any, sched: Schedule, run_dir: Path, *,
-         resume: bool, progress: bool | None, device: torch.device) -> OptimizeResult:
+         resume: bool, progress: bool | None, device: torch.device,
+         config: str | Path = "config") -> OptimizeResult:
     o = cfg.optimize
     s = cfg.sampler.resolved(name="ddpm", steps=50, batch_size=32)
     sigmas = sched.sample_sigmas(s["steps"], final_zero=True)
@@ -88,7 +111,7 @@ def _run(cfg: OptimizeConfig, task: Any, model: Any, sched: Schedule, run_dir: P
               "sampler_kwargs": skw, "top_k": o.top_k, "metrics": task.metrics,
               "run_dir": run_dir, "resume": resume, "seed": o.seed, "progress": progress,
               "device": device}
-    objective = task.objective(cfg.task.objective)
+    objective = task_objective(cfg, task, str(config))
     if o.algorithm == "gradient_guided":
         return gradient_guided(model, objective, sigmas, **common)
     ft = cfg.finetune or FinetuneSection()
@@ -107,7 +130,10 @@ def _run(cfg: OptimizeConfig, task: Any, model: Any, sched: Schedule, run_dir: P
 
 def references(task: Any, objective: str, increment: float | None, noise_std: float
                ) -> dict[str, float]:
-    """The task's closed-form reference values of ``objective``, labelled for the plots."""
+    """The task's closed-form reference values of ``objective``, labelled for the plots (none
+    for an objective of your own)."""
+    if is_import_path(objective):
+        return {}
     r = task.reference(objective, increment=increment, noise_std=noise_std)
     return {label: r[key] for key, label in _REFERENCE_LABELS.items() if key in r}
 
@@ -127,10 +153,12 @@ def write_optimize_report(run: RunDir, task: Any, objective: str, runs: dict[str
         rounds[name] = sorted({0, last // 4, last // 2, (3 * last) // 4, last})
         samples[name] = [load_tensors(p / "samples" / f"round_{k:05d}.safetensors")["samples"]
                          for k in rounds[name]]
-    run.save_figure(projection_figure(task, objective, samples, rounds), "projection")
+    run.save_figure(projection_figure(task, _view(task, objective), samples, rounds),
+                    "projection")
     return run.write_report(title)
 
 
+@config_plugins
 def optimize_command(config: str | Path, run_dir: str | Path | None = None, *,
                      resume: bool = False, progress: bool | None = None, device: str = "auto",
                      echo: Callable[[str], None] = print) -> tuple[OptimizeResult, RunDir]:
@@ -149,7 +177,7 @@ def optimize_command(config: str | Path, run_dir: str | Path | None = None, *,
         run.write_text("config.toml", Path(config).read_text(encoding="utf-8"))
         run.write_text("model.json", json.dumps(info, indent=1, default=str))
     result = _run(cfg, task, model, sched, run.path, resume=resume, progress=progress,
-                  device=dev)
+                  device=dev, config=config)
     refs = references(task, cfg.task.objective, cfg.optimize.increment, cfg.optimize.noise_std)
     write_optimize_report(run, task, cfg.task.objective, {cfg.optimize.guidance: run.path}, refs,
                           f"optidiff optimize: {cfg.name}")

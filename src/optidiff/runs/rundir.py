@@ -22,8 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..checkpoint import (append_jsonl, read_json, read_jsonl, save_tensors, write_bytes,
-                          write_text)
+from ..checkpoint import append_jsonl, read_json, read_jsonl, save_tensors, write_bytes, write_text
 from ..report import write_report
 
 __all__ = ["RunDir", "RunError"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..plugins import is_import_path, load_object
 from . import toy2d
 
 __all__ = ["TASKS", "make_task", "register_task", "task_class", "toy2d"]
@@ -32,9 +33,15 @@ def register_task(name: str, cls: str | type) -> None:
 
 
 def task_class(name: str) -> type:
-    """The class registered as ``name``; a ValueError listing the names otherwise."""
+    """The class registered as ``name``, or the class an import path ``"package.module:Class"``
+    names (a task of your own, see :mod:`optidiff.plugins`); a ValueError otherwise."""
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        if not is_import_path(name):
+            raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+        cls = load_object(name, "name")
+        if not isinstance(cls, type):
+            raise ValueError(f"task: {name!r} is a {type(cls).__name__}, not a task class")
+        return cls
     target = TASKS[name]
     if isinstance(target, str):
         module, _, attr = target.partition(":")
