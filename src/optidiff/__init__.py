@@ -5,7 +5,7 @@ One convention (variance-exploding σ): a model is ``model(x, sigma, cond=None) 
 Importing optidiff has no side effects and imports neither diffusers, matplotlib nor pydantic.
 """
 
-from . import checkpoint, guidance, models, optimize, schedules
+from . import checkpoint, guidance, models, optimize, results, schedules
 from .checkpoint import CheckpointError
 from .models.registry import load_model, save_model
 from .sampling import Step, sample, sample_iter
@@ -23,5 +23,5 @@ __version__ = "0.2.0"
 
 __all__ = ["CheckpointError", "CosineSchedule", "DDPMSchedule", "KarrasSchedule", "LDMSchedule",
            "LogLinearSchedule", "SigmoidSchedule", "Step", "TrainResult", "checkpoint",
-           "dsm_loss", "guidance", "load_model", "models", "optimize", "sample", "sample_iter",
-           "save_model", "schedules", "train"]
+           "dsm_loss", "guidance", "load_model", "models", "optimize", "results", "sample",
+           "sample_iter", "save_model", "schedules", "train"]

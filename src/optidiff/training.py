@@ -83,6 +83,18 @@ class TrainResult:
     step: int
     run_dir: Path | None = None
 
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write this result as ``directory/checkpoint`` (see :mod:`optidiff.results`)."""
+        from .results import save_train_result
+        return save_train_result(self, directory)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, device: Any = None) -> TrainResult:
+        """The result saved in ``run_dir``, or of a training run there (``od.train(run_dir=)``,
+        ``optidiff train``)."""
+        from .results import load_train_result
+        return load_train_result(run_dir, device)
+
 
 def _sigma_table(schedule: Schedule | Tensor | None) -> Tensor:
     table = LogLinearSchedule() if schedule is None else schedule

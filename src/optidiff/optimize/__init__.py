@@ -9,8 +9,12 @@
 - :mod:`~optidiff.optimize.rewards` and :mod:`~optidiff.optimize.offline`: offline reward
   maximization (reward models; reward-conditioned diffusion and its variants).
 
+Results load back from their run directories with :func:`load_result` (:mod:`optidiff.results`).
+
 Config-driven runs (``optidiff optimize``) and the demo live in :mod:`optidiff.runs`.
 """
+
+from typing import Any
 
 from . import reference
 from .adaptive import DSMFinetune, GaussianRefit, adaptive, refit_gaussian
@@ -30,5 +34,13 @@ from .rewards import (
 __all__ = ["DSMFinetune", "EnsembleReward", "GaussianRefit", "MLPReward", "Objective",
            "ObjectiveError", "OfflineResult", "OptimizeResult", "RidgeReward", "adaptive",
            "as_objective", "ddom_schedule", "ddom_weights", "fit_reward", "gradient_ascent",
-           "gradient_guided", "make_guidance", "pseudo_label", "reference", "refit_gaussian",
-           "reward_conditioned", "reward_guided", "subopt"]
+           "gradient_guided", "load_result", "make_guidance", "pseudo_label", "reference",
+           "refit_gaussian", "reward_conditioned", "reward_guided", "subopt"]
+
+
+def load_result(run_dir: Any, device: Any = None) -> OptimizeResult:
+    """The :class:`OptimizeResult` saved in ``run_dir`` by ``result.save``, or written there by
+    ``gradient_guided``/``adaptive`` (``run_dir=``) or ``optidiff optimize``: history, samples,
+    best samples and the model (see :mod:`optidiff.results`)."""
+    return OptimizeResult.load(run_dir, device)
+

@@ -60,8 +60,14 @@ class OptimizeResult:
         history: one dict per round 0 … K (round 0: the unguided samples), see :func:`gradient_guided`.
         samples: the last round's samples ``(B, *dims)``; ``rewards`` their f values.
         best_samples, best_rewards: the ``top_k`` best samples seen in any round, best first.
-        model: the model that produced the last round (fine-tuned by Algorithm 2).
+        model: the model that produced the last round (fine-tuned by Algorithm 2); in a loaded
+            result, the saved network or the reference dict of the run's ``model.json``.
+        objective: the counted objective (None in a loaded result).
         run_dir: where the run was written, if anywhere.
+
+    ``result.save(dir)`` writes it and :func:`optidiff.optimize.load_result` (also
+    ``OptimizeResult.load``) reads it back, or any run directory of ``gradient_guided``,
+    ``adaptive`` and ``optidiff optimize`` (:mod:`optidiff.results`).
     """
 
     history: list[dict[str, Any]]
@@ -70,12 +76,23 @@ class OptimizeResult:
     best_samples: Tensor
     best_rewards: Tensor
     model: Any
-    objective: Objective
+    objective: Objective | None
     run_dir: Path | None = None
 
     def curve(self, key: str) -> list[float]:
         """The values of ``key`` over the rounds, e.g. ``result.curve("reward_mean")``."""
         return [rec.get(key, math.nan) for rec in self.history]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write this result into ``directory`` (see :mod:`optidiff.results`)."""
+        from ..results import save_optimize_result
+        return save_optimize_result(self, directory)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: Any = None) -> OptimizeResult:
+        """The result saved in, or written by a run into, ``run_dir``."""
+        from ..results import load_optimize_result
+        return load_optimize_result(run_dir, device)
 
 
 def make_guidance(kind: str | Callable, g: Tensor, y: Tensor | float, *, beta: Any = None,
