@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import samplers, samplers_digits
+from benchmarks import devices, samplers, samplers_digits
 
 
 def test_samplers_quick_runs_and_reports_every_sampler(capsys):
@@ -27,3 +27,11 @@ def test_samplers_digits_quick_matches_the_diffusers_reference(monkeypatch, tmp_
     assert all(0 < r["fd"] < float("inf") for r in res["rows"])
     assert res["agreement"] and all(a["max abs difference"] < 1e-3 for a in res["agreement"])
     assert "not written" in capsys.readouterr().out
+
+
+def test_devices_quick_measures_every_device_and_precision():
+    result = devices.run(quick=True)
+    cells = {(r["network"], r["device"], r["precision"]) for r in result["rows"]}
+    assert cells == {(n, d, p) for n in ("TimeMLP", "UNet") for d in devices.devices()
+                     for p in devices.precisions(d)}
+    assert all(r["train steps/s"] > 0 and r["sample NFE/s"] > 0 for r in result["rows"])
