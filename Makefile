@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-numeric bench lint clean
+.PHONY: demo test test-numeric docs bench lint clean
 
 #: the test modules of numerical references (closed forms, peers), rerun by CI under MKL_CBWR
 NUMERIC := tests/test_metrics.py tests/test_models.py tests/test_sampling.py \
@@ -30,6 +30,10 @@ test: $(STAMP)
 test-numeric: $(STAMP)
 	MKL_CBWR=COMPATIBLE $(PY) -m pytest -q $(NUMERIC)
 
+#: the API reference (site/index.html) from the docstrings; any warning is an error
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet
+
 bench: $(STAMP)
 	$(VENV)/bin/optidiff bench all
 
@@ -37,4 +41,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

@@ -129,9 +129,10 @@ class Classifier(GuidanceTerm):
     class posterior and s = 1 the guided score is ``∇log p_σ(x) + ∇log p_σ(y|x) = ∇log p_σ(x | y)``.
 
     Args:
-        clf: the classifier. y: the class, an int or a (B,) tensor of labels. scale: s (number
-        ≥ 0 or callable of σ; ``s=`` is the deprecated spelling). Other knobs as
-        :class:`GuidanceTerm`.
+        clf: the classifier.
+        y: the class, an int or a (B,) tensor of labels.
+        scale: s, a number ≥ 0 or a callable of σ (``s=`` is the deprecated spelling).
+        **kwargs: the other knobs of :class:`GuidanceTerm`.
     """
 
     name = "Classifier"
