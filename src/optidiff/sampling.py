@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from . import rng
 from .device import autocast, check_precision
 
@@ -245,11 +246,42 @@ def sample(model: Model, sigmas: Tensor, **kwargs: Any) -> Tensor:
         precision: ``"fp32"``, or ``"bf16"``/``"fp16"``: every network evaluation under
             ``torch.autocast`` (the sampler's state and arithmetic stay in the dtype of x).
 
+        distributed: under ``torchrun`` (``None``, the default: when a process group of more
+            than one process is initialised) rank r draws rows :func:`optidiff.distributed.shard`
+            of the batch (of ``batch_size``, or of ``x_init`` and a per-sample ``cond``) with the
+            generator seeded :func:`optidiff.distributed.rank_seed` ``(seed, r)`` — ``seed`` is
+            required — and every rank returns the whole batch gathered in rank order. Guidance
+            terms see the rank's shard. ``False``: each process samples on its own.
+
     Returns the final state at ``sigmas[-1]`` (the denoised sample when it is 0). With ``x_init``,
     μ = 0 and a deterministic guidance and sampler, the result is deterministic.
     """
+    rank, world = _distributed.rank_world()
+    if kwargs.pop("distributed", None) is False or world == 1:
+        return _final(sample_iter(model, sigmas, **kwargs))
+    if kwargs.get("generator") is not None or kwargs.get("seed") is None:
+        raise ValueError("under torchrun od.sample needs seed= (not generator=), so that every "
+                         "rank draws its own stream; or pass distributed=False")
+    kwargs["seed"] = _distributed.rank_seed(kwargs["seed"], rank)
+    x_init, cond = kwargs.get("x_init"), kwargs.get("cond")
+    n = len(x_init) if x_init is not None else kwargs.get("batch_size")
+    if n is None:
+        raise ValueError("give batch_size= or x_init= (the whole batch, shared out by rank)")
+    if n < world:
+        raise ValueError(f"a batch of {n} cannot be shared out over {world} ranks")
+    rows = _distributed.shard(n, rank, world)
+    if x_init is not None:
+        kwargs["x_init"] = x_init[rows]
+    else:
+        kwargs["batch_size"] = rows.stop - rows.start
+    if isinstance(cond, Tensor) and cond.ndim > 0 and len(cond) == n:
+        kwargs["cond"] = cond[rows]
+    return _distributed.gather(_final(sample_iter(model, sigmas, **kwargs)))
+
+
+def _final(steps: Iterator[Step]) -> Tensor:
     step = None
-    for step in sample_iter(model, sigmas, **kwargs):
+    for step in steps:
         pass
     return step.x
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import rng
+from . import distributed, rng
 from .checkpoint import (
     CheckpointError,
     append_jsonl,
@@ -150,20 +150,6 @@ def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_deca
         raise ValueError(f"cond must hold integer class labels or float values, got {cond.dtype}")
 
 
-def _init_distributed(device: torch.device) -> tuple[int, int, bool, torch.device]:
-    """(rank, world size, whether we created the process group, device) from torchrun's env."""
-    created = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    if not dist.is_initialized():
-        return 0, 1, False, device
-    return dist.get_rank(), dist.get_world_size(), created, device
-
-
 def _drop_cond(c: Tensor, drop: Tensor) -> Tensor:
     """Null condition for dropped rows: label −1 (integers) or a NaN row (floats)."""
     if c.is_floating_point():
@@ -224,7 +210,7 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
     table = _sigma_table(schedule)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
-    rank, world, created, device = _init_distributed(device)
+    rank, world, created, device = distributed.init(device)
     try:
         return _train(model.to(device), data, cond, table, rank, world, device, param.dtype,
                       steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
