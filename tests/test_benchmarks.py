@@ -27,3 +27,15 @@ def test_samplers_digits_quick_matches_the_diffusers_reference(monkeypatch, tmp_
     assert all(0 < r["fd"] < float("inf") for r in res["rows"])
     assert res["agreement"] and all(a["max abs difference"] < 1e-3 for a in res["agreement"])
     assert "not written" in capsys.readouterr().out
+
+
+def test_lowdim_quick_runs_both_networks_against_their_floor(capsys):
+    from benchmarks import lowdim
+
+    result = lowdim.main(["--quick"])
+    assert {r["network"] for r in result["dims"]} == {"SubspaceNet", "TimeMLP"}
+    assert [r["D"] for r in result["dims"]][::2] == list(lowdim.QUICK["dims"])
+    assert all(r["W2²"] > 0 and r["floor W2²"] > 0 for r in result["rows"])
+    assert {r["n"] for r in result["ns"]} == set(lowdim.QUICK["ns"])
+    assert 0 < result["claim"]["exact floor"] < 1 and "Reading:" in result["markdown"]
+    assert "not written" in capsys.readouterr().out
