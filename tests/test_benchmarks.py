@@ -35,3 +35,15 @@ def test_devices_quick_measures_every_device_and_precision():
     assert cells == {(n, d, p) for n in ("TimeMLP", "UNet") for d in devices.devices()
                      for p in devices.precisions(d)}
     assert all(r["train steps/s"] > 0 and r["sample NFE/s"] > 0 for r in result["rows"])
+
+
+def test_lowdim_quick_runs_both_networks_against_their_floor(capsys):
+    from benchmarks import lowdim
+
+    result = lowdim.main(["--quick"])
+    assert {r["network"] for r in result["dims"]} == {"SubspaceNet", "TimeMLP"}
+    assert [r["D"] for r in result["dims"]][::2] == list(lowdim.QUICK["dims"])
+    assert all(r["W2²"] > 0 and r["floor W2²"] > 0 for r in result["rows"])
+    assert {r["n"] for r in result["ns"]} == set(lowdim.QUICK["ns"])
+    assert 0 < result["claim"]["exact floor"] < 1 and "Reading:" in result["markdown"]
+    assert "not written" in capsys.readouterr().out

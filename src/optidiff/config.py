@@ -111,6 +111,7 @@ class TaskSection(Section):
 #: σ_data) come from the task
 MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "timemlp": ("TimeMLP", ("hidden", "depth", "emb_dim", "num_classes")),
+    "subspace_net": ("SubspaceNet", ("hidden", "depth", "emb_dim", "latent_dim")),
     "conditional_mlp": ("ConditionalMLP", ("hidden", "depth", "emb_dim", "cond_emb_dim")),
     "unet": ("UNet", ("channels", "channel_mult", "num_res_blocks", "attention", "emb_dim",
                       "groups", "dropout", "num_classes")),
@@ -131,6 +132,7 @@ class ModelSection(Section):
     depth: int | None = Field(None, gt=0, le=64)
     emb_dim: int | None = Field(None, gt=0, le=65_536, multiple_of=2)
     cond_emb_dim: int | None = Field(None, gt=0, le=65_536)
+    latent_dim: int | None = Field(None, gt=0, le=65_536)
     num_classes: int | None = Field(None, ge=2, le=100_000)
     channels: int | None = Field(None, gt=0, le=4096)
     channel_mult: list[int] | None = Field(None, min_length=1, max_length=8)
@@ -352,9 +354,11 @@ class OptimizeConfig(Section):
                 raise ValueError(f"task {self.task.name!r} has no objectives of its own; name "
                                  "one as task.objective = 'package.module:function'")
             self.task.objective = objectives[0]
-        if self.model.resolved_kind("timemlp") not in ("timemlp", "load", "exact"):
+        if self.model.resolved_kind("timemlp") not in ("timemlp", "subspace_net", "load",
+                                                        "exact"):
             raise ValueError(f"model.kind = {self.model.kind!r}: optimize runs pre-train a "
-                             "'timemlp', 'load' a checkpoint or use the 'exact' denoiser")
+                             "'timemlp' or a 'subspace_net', 'load' a checkpoint or use the "
+                             "'exact' denoiser")
         if self.finetune is not None and self.optimize.algorithm != "adaptive":
             raise ValueError("[finetune] is used only with optimize.algorithm = 'adaptive'")
         return self

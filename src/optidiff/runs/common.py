@@ -16,6 +16,7 @@ from ..config import ConfigError, load_config
 from ..plugins import load_object, search_path
 from ..sampling import sample
 from ..tasks import make_task
+from ..tasks.base import SubspaceNetSpec
 from .rundir import RunDir, RunError
 
 __all__ = ["build_network", "build_plugin_network", "build_task", "check_resume",
@@ -83,6 +84,11 @@ def build_network(model_cfg: Any, kind: str, task: Any, seed: int, **defaults: A
     params = {**defaults, **model_cfg.params()}
     scale = getattr(task, "data_scale", None)
     with rng.seeded(seed):
+        if kind == "subspace_net":
+            try:
+                return SubspaceNetSpec(**params).network(task)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model: {e}") from None
         if kind == "unet":
             if len(shape) != 3:
                 raise ConfigError(f"model.kind = 'unet' needs image data (C, H, W); task "

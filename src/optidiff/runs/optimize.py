@@ -28,7 +28,7 @@ from ..optimize.objectives import Objective
 from ..plugins import is_import_path
 from ..report import curves_figure, projection_figure
 from ..schedules import Schedule
-from ..tasks.base import NetworkSpec, pretrained_network
+from ..tasks.base import NetworkSpec, SubspaceNetSpec, pretrained_network
 from .common import build_task, check_resume, config_plugins, plugin
 from .rundir import RunDir
 
@@ -68,14 +68,19 @@ def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool |
                           f"log-linear σ table, not {cfg.schedule.kind!r}")
     sch = cfg.schedule.params() if cfg.schedule else {}
     t = cfg.train.kwargs()
-    spec = NetworkSpec(**{**cfg.model.params(),
-                          **{k: t[k] for k in ("steps", "batch_size", "lr", "ema_decay", "seed")
-                             if k in t},
-                          **{k: sch[k] for k in ("sigma_min", "sigma_max") if k in sch},
-                          **({"n_sigmas": sch["n"]} if "n" in sch else {})})
+    spec_class = SubspaceNetSpec if kind == "subspace_net" else NetworkSpec
+    spec = spec_class(**{**cfg.model.params(),
+                         **{k: t[k] for k in ("steps", "batch_size", "lr", "ema_decay", "seed")
+                            if k in t},
+                         **{k: sch[k] for k in ("sigma_min", "sigma_max") if k in sch},
+                         **({"n_sigmas": sch["n"]} if "n" in sch else {})})
+    try:
+        spec.recipe(task)  # a subspace_net needs a latent_dim (the task's or the config's)
+    except ValueError as e:
+        raise ConfigError(f"{source}: model: {e}") from None
     model, info = pretrained_network(task, spec, cache=cfg.train.cache, progress=progress,
                                      device=device)
-    return model, spec.schedule(), {"kind": "timemlp", **info}
+    return model, spec.schedule(), {"kind": kind, **info}
 
 
 def task_objective(cfg: OptimizeConfig, task: Any, source: str) -> Any:

@@ -5,21 +5,23 @@ diffusion models: an optimization perspective", §6 and their official code's se
 ``linear_subspace`` is the offline reward-maximization simulation of Yuan et al. (NeurIPS 2023,
 "Reward-directed conditional diffusion"; see :class:`LinearSubspaceTask`).
 
-Data: ``x = A·u`` in R^D with D = 64, d = 16, ``u ~ N(0, I_16)``, A the first 16 columns of a
-seeded Haar-random orthogonal 64×64 matrix (QR of a Gaussian matrix with the signs of R's diagonal
-fixed, Mezzadri 2007, as ``scipy.stats.ortho_group``); 65,536 pre-training points.
+Data: ``x = A·u`` in R^D with D = ``dim`` (default 64), d = ``latent_dim`` (default 16, 1 <= d < D),
+``u ~ N(0, I_d)``, A the first d columns of a seeded Haar-random orthogonal D×D matrix (QR of a
+Gaussian matrix with the signs of R's diagonal fixed, Mezzadri 2007, as
+``scipy.stats.ortho_group``); 65,536 pre-training points. The defaults are the paper's sizes; other
+sizes keep every construction below (with 16 → d, 64 → D).
 
 Objectives (the official code's ``theta_1``, ``theta_2``, ``b_1``, ``b_2``):
 
 - ``f1_off``: ``f1(x) = 10 − (θᵀx − 3)²`` with θ of unit norm and ‖θ⊥‖/‖θ∥‖ = 9 (the official
   ``theta_2``, the default): θ = (A·v/‖v‖ + 9·P⊥w/‖P⊥w‖)/√82;
-- ``f1_in``: the same f1 with θ = A·β, β uniform on the unit sphere of R^16 (``theta_1``);
+- ``f1_in``: the same f1 with θ = A·β, β uniform on the unit sphere of R^d (``theta_1``);
 - ``f2_b1``: ``f2(x) = 5 − 0.5‖x − b‖`` with b = 4·1 (``b_1``);
-- ``f2_b2``: f2 with b = 4 + 3·N(0, I_64) (``b_2``, the official default).
+- ``f2_b2``: f2 with b = 4 + 3·N(0, I_D) (``b_2``, the official default).
 
-Seeding: one ``torch.Generator`` seeded with ``seed`` draws, in this order, the 64×64 Gaussian
-matrix of A, then v (16), w (64), β (16) and the N(0, I_64) of b_2; the pre-training points are
-drawn from a second generator seeded with ``seed + 1`` (u: 65,536 × 16).
+Seeding: one ``torch.Generator`` seeded with ``seed`` draws, in this order, the D×D Gaussian
+matrix of A, then v (d), w (D), β (d) and the N(0, I_D) of b_2; the pre-training points are
+drawn from a second generator seeded with ``seed + 1`` (u: 65,536 × d).
 
 Metrics: the off-subspace ratio ``‖(I − AAᵀ)x‖/‖AAᵀx‖`` per sample (batch mean), as the official
 ``off_support_ratio`` (:func:`optidiff.metrics.off_subspace_ratio`).
@@ -51,7 +53,7 @@ from .base import NetworkSpec, OfflineData, check_objective, pretrained_network
 __all__ = ["OBJECTIVES", "LinearSubspaceTask", "NetworkSpec", "SubspaceTask",
            "pretrained_network"]
 
-D, d, N_PRETRAIN = 64, 16, 65_536
+N_PRETRAIN = 65_536
 OBJECTIVES = ("f1_off", "f1_in", "f2_b1", "f2_b2")
 
 
@@ -66,6 +68,8 @@ class SubspaceTask:
         ("off_subspace_ratio", "off-subspace ratio ‖x⊥‖/‖x∥‖"),)
     seed: int = 0
     n_pretrain: int = N_PRETRAIN
+    dim: int = 64
+    latent_dim: int = 16
     A: Tensor = field(init=False, repr=False)
     theta_off: Tensor = field(init=False)
     theta_in: Tensor = field(init=False)
@@ -73,6 +77,14 @@ class SubspaceTask:
     b2: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
+        for name in ("n_pretrain", "dim", "latent_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
+        if self.latent_dim >= self.dim:
+            raise ValueError(f"latent_dim must be < dim (θ_off needs a direction off the "
+                             f"subspace), got dim={self.dim}, latent_dim={self.latent_dim}")
+        D, d = self.dim, self.latent_dim
         g = rng.generator(self.seed)
         self.A = rng.haar_orthogonal(D, g)[:, :d].contiguous()
         v = torch.randn(d, generator=g, dtype=torch.float64)
@@ -87,23 +99,20 @@ class SubspaceTask:
 
     # ------------------------------------------------------------------ data and model
     @property
-    def dim(self) -> int:
-        return D
-
-    @property
     def input_shape(self) -> tuple[int, ...]:
-        return (D,)
+        return (self.dim,)
 
     @property
     def data_scale(self) -> float:
-        """Per-coordinate standard deviation of the data, √(d/D) = 0.5."""
-        return math.sqrt(d / D)
+        """Root-mean-square per-coordinate standard deviation of the data, √(d/D) (0.5 at the
+        default sizes)."""
+        return math.sqrt(self.latent_dim / self.dim)
 
     def data(self, n: int | None = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The first ``n`` (default 65,536) pre-training points ``x = A·u`` (seed + 1)."""
+        """The first ``n`` (default ``n_pretrain``) pre-training points ``x = A·u`` (seed + 1)."""
         n = self.n_pretrain if n is None else n
         g = torch.Generator().manual_seed(self.seed + 1)
-        u = torch.randn(n, d, generator=g, dtype=torch.float64)
+        u = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
         return (u @ self.A.T).to(dtype)
 
     def exact_model(self) -> SubspaceGaussianDenoiser:
@@ -112,7 +121,7 @@ class SubspaceTask:
 
     @property
     def mean(self) -> Tensor:
-        return torch.zeros(D, dtype=torch.float64)
+        return torch.zeros(self.dim, dtype=torch.float64)
 
     @property
     def cov(self) -> Tensor:
