@@ -222,7 +222,8 @@ class _Updater:
 
 def adaptive(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigmas: Tensor, *,
              rounds: int, batch_size: int, increment: float | None = None,
-             target: float | None = None, guidance: str | Callable = "lookahead",
+             target: float | None = None, target_rule: str = "plain",
+             max_correction: float = 4.0, guidance: str | Callable = "lookahead",
              gradient_at: str = "sample", noise_std: float = 0.1, beta: Any = None,
              sampler: str = "ddpm", sampler_kwargs: dict | None = None,
              finetune: Finetune | None = None, start_round: int = 0, replay_decay: float = 0.0,
@@ -283,4 +284,5 @@ def adaptive(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigm
                     sampler_kwargs=sampler_kwargs, top_k=top_k, metrics=metrics, run_dir=run_dir,
                     resume=resume, save_samples=save_samples, generator=generator, seed=seed,
                     dtype=dtype, device=device, progress=progress, updater=updater,
+                    target_rule=target_rule, max_correction=max_correction,
                     algorithm="adaptive", config=config)
