@@ -259,7 +259,8 @@ class SamplerSection(Section):
 class OptimizeSection(Section):
     """``[optimize]``: Algorithm 1 or 2 of Guo et al. (NeurIPS 2024): guidance and its step size
     ``beta``, where the gradient is taken, rounds, and the target rule (``increment`` δ, default
-    0.2, or a fixed ``target``)."""
+    0.2, or a fixed ``target``; ``target_rule = "corrected"`` rescales it by the delivered
+    fraction, :mod:`optidiff.optimize.delivered`)."""
 
     algorithm: Literal["gradient_guided", "adaptive"] = "gradient_guided"
     guidance: Literal["lookahead", "naive"] = "lookahead"
@@ -268,6 +269,8 @@ class OptimizeSection(Section):
     rounds: int = Field(100, ge=1, le=100_000)
     increment: float | None = Pos
     target: float | None = Field(None, allow_inf_nan=False)
+    target_rule: Literal["plain", "corrected"] = "plain"
+    max_correction: float = Field(4.0, ge=1, allow_inf_nan=False)
     noise_std: float = Field(0.1, gt=0, allow_inf_nan=False)
     top_k: int = Field(4, ge=1, le=10**6)
     seed: Seed = 0
