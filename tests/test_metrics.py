@@ -284,3 +284,54 @@ def test_off_subspace_ratio_constructed_points():
         M.off_subspace_ratio(x, A[:5])
     with pytest.raises(ValueError, match="reduction"):
         M.off_subspace_ratio(x, A, reduction="sum")
+
+
+# ---------------------------------------------------------------------- principal angles
+
+@pytest.mark.parametrize("angles", [(0.3, 1.2), (1e-9, 0.05), (0.0, math.pi / 2)])
+def test_subspace_angles_closed_form_rotation(angles):
+    # span(e1, e3) against its image under rotations by a in the (e1, e2) plane and by b in the
+    # (e3, e4) plane: the principal angles are exactly a and b. A random orthogonal change of
+    # coordinates and non-orthonormal bases of the same spaces must not change them.
+    D = 7
+    a, b = angles
+    e = torch.eye(D, dtype=torch.float64)
+    V = torch.stack([e[0], e[2]], 1)
+    A = torch.stack([math.cos(a) * e[0] + math.sin(a) * e[1],
+                     math.cos(b) * e[2] + math.sin(b) * e[3]], 1)
+    Q = _orth(D, 21)
+    mix = torch.tensor([[2.0, 0.3], [-0.5, 1.0]], dtype=torch.float64)
+    got = M.subspace_angles(Q @ V @ mix, Q @ A)
+    assert got.dtype == torch.float64
+    expected = torch.tensor(sorted(angles), dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-14)
+    torch.testing.assert_close(M.subspace_angles(Q @ A, Q @ V), expected, rtol=1e-6, atol=1e-14)
+
+
+def test_subspace_angles_matches_scipy_and_unequal_dimensions():
+    from scipy.linalg import subspace_angles
+
+    g = _gen(22)
+    V = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    A = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    got = M.subspace_angles(V, A)
+    assert got.shape == (3,)
+    ref = torch.from_numpy(np.sort(subspace_angles(V.numpy(), A.numpy())))
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    # a subspace of span(A): all angles 0
+    inside = A @ torch.randn(5, 2, generator=g, dtype=torch.float64)
+    assert M.subspace_angles(inside, A).abs().max() < 1e-7
+
+
+def test_subspace_angles_bad_input():
+    V = torch.randn(6, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"A must have shape \(D, k\) with D=6"):
+        M.subspace_angles(V, torch.randn(5, 2))
+    with pytest.raises(ValueError, match="V must have shape"):
+        M.subspace_angles(torch.randn(6), V)
+    with pytest.raises(ValueError, match="V must have shape"):
+        M.subspace_angles(torch.randn(2, 3), V)
+    with pytest.raises(ValueError, match="linearly independent"):
+        M.subspace_angles(torch.cat([V[:, :1], 2 * V[:, :1]], 1), V)
+    with pytest.raises(ValueError, match="non-finite"):
+        M.subspace_angles(V, torch.full((6, 2), math.nan))

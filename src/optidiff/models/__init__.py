@@ -1,5 +1,6 @@
 """Models: the contract and adapters (base), exact denoisers (analytic), trainable networks
-(mlp, conditional, unet, classifiers) and the registry that saves and loads them (registry).
+(mlp, subspace, conditional, unet, classifiers) and the registry that saves and loads them
+(registry).
 
 ``optidiff.models.diffusers`` (the diffusers adapters) is imported explicitly, never from here.
 """
@@ -15,10 +16,11 @@ from .classifiers import DigitClassifier, NoiseConditionalClassifier, train_clas
 from .conditional import ConditionalMLP
 from .mlp import SigmaEmbedding, TimeMLP
 from .registry import load_model, model_from_config, model_to_config, register_model, save_model
+from .subspace import SubspaceNet
 from .unet import UNet
 
 __all__ = ["PREDICTION_TYPES", "ConditionalMLP", "DigitClassifier", "EmpiricalDenoiser",
            "GaussianDenoiser", "GaussianMixtureDenoiser", "NoiseConditionalClassifier",
-           "SigmaEmbedding", "SubspaceGaussianDenoiser", "TimeMLP", "UNet", "VPModel", "X0Model",
-           "load_model", "model_from_config", "model_to_config", "register_model", "save_model",
+           "SigmaEmbedding", "SubspaceGaussianDenoiser", "SubspaceNet", "TimeMLP", "UNet",
+           "VPModel", "X0Model", "load_model", "model_from_config", "model_to_config", "register_model", "save_model",
            "sigma_like", "train_classifier", "x0_hat"]
