@@ -17,6 +17,7 @@ A task is a dataclass whose fields are its parameters (the ``[task]`` section of
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -90,8 +91,10 @@ class OfflineTask(Protocol):
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """Size and training recipe of a vector task's small score network (a
-    :class:`~optidiff.models.TimeMLP` with σ_data = the task's data scale).
+    """Size and training recipe of a vector task's small score network: ``kind="timemlp"`` a
+    :class:`~optidiff.models.TimeMLP` with σ_data = the task's data scale, ``kind="subspace"`` a
+    :class:`~optidiff.models.SubspaceNet` of the task's latent dimension (tasks with a basis ``A``)
+    with σ_data = the latent scale, ``hidden``/``depth`` its correction MLP's.
 
     Trained by ``od.train`` (DSM, AdamW, EMA) with σ uniform over the indices of a log-linear
     table ``[sigma_min, sigma_max]`` of ``n_sigmas`` levels; the same table's
@@ -109,6 +112,7 @@ class NetworkSpec:
     sigma_max: float = 20.0
     n_sigmas: int = 1000
     seed: int = 0
+    kind: str = "timemlp"
 
     def schedule(self) -> LogLinearSchedule:
         return LogLinearSchedule(self.sigma_min, self.sigma_max, self.n_sigmas)
@@ -125,10 +129,23 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
     ``torch.set_num_threads`` during training (restored afterwards); ``device`` is where to train
     when it must (the cache entry does not depend on it) and where the model is returned.
     """
-    from ..models import TimeMLP
+    from ..models import SubspaceNet, TimeMLP
     from ..training import train
 
     (dim,) = task.input_shape
+    if spec.kind not in ("timemlp", "subspace"):
+        raise ValueError(f"NetworkSpec.kind must be 'timemlp' or 'subspace', got {spec.kind!r}")
+    if spec.kind == "subspace" and not hasattr(task, "A"):
+        raise ValueError(f"NetworkSpec(kind='subspace') needs a task with a subspace basis A; "
+                         f"task {task.name!r} has none")
+
+    def make() -> Any:
+        if spec.kind == "timemlp":
+            return TimeMLP(dim, hidden=spec.hidden, depth=spec.depth, emb_dim=spec.emb_dim,
+                           sigma_data=task.data_scale)
+        d = task.A.shape[1]
+        return SubspaceNet(dim, d, hidden=spec.hidden, depth=spec.depth, emb_dim=spec.emb_dim,
+                           sigma_data=task.data_scale * math.sqrt(dim / d))
 
     def build() -> tuple[Any, dict[str, Any]]:
         old = torch.get_num_threads()
@@ -136,8 +153,7 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
             torch.set_num_threads(threads)
         try:
             with rng.seeded(spec.seed):
-                net = TimeMLP(dim, hidden=spec.hidden, depth=spec.depth, emb_dim=spec.emb_dim,
-                              sigma_data=task.data_scale)
+                net = make()
             t0 = time.perf_counter()
             res = train(net, task.data(), steps=spec.steps, batch_size=spec.batch_size,
                         lr=spec.lr, schedule=spec.schedule(), ema_decay=spec.ema_decay,
@@ -151,6 +167,10 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
                          "parameters": sum(p.numel() for p in net.parameters())}
 
     recipe = {"task": task.name, "task_seed": task.seed, "dim": dim, **asdict(spec)}
+    if spec.kind == "timemlp":   # the TimeMLP's recipe (and cache key) predate ``kind``
+        del recipe["kind"]
+    else:
+        recipe["latent_dim"] = task.A.shape[1]
     model = cached(f"networks/{task.name}", recipe, build, use_cache=cache)
     return model.to(device or "cpu"), dict(model.train_info)
 
