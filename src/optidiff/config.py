@@ -292,13 +292,15 @@ class OptimizeSection(Section):
 
 
 class FinetuneSection(Section):
-    """``[finetune]`` (``algorithm = "adaptive"``): the DSM fine-tuning of Algorithm 2."""
+    """``[finetune]`` (``algorithm = "adaptive"``): the DSM fine-tuning of Algorithm 2 (defaults
+    as :func:`optidiff.optimize.adaptive`'s; the official code's are lr 1e-6, 1 step,
+    ``replay_decay = 0``)."""
 
-    lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
-    steps_per_round: int = Field(1, ge=1, le=10**6)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    steps_per_round: int = Field(4, ge=1, le=10**6)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
     start_round: int = Field(0, ge=0)
-    replay_decay: float = Field(0.0, ge=0, le=1)
+    replay_decay: float | None = Field(None, ge=0, le=1)
     pretrain_weight: float = Field(0.0, ge=0, lt=1)
     batch_size: int | None = Field(None, ge=1, le=10**7)
 
