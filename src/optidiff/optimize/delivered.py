@@ -30,10 +30,12 @@ reward of round 0. For the exact model r = ρ and s* = δ·gᵀΣg/σ_y², the l
 **Corrected target rule** (beyond the paper). Ask for the target whose delivered part is what an
 exact model would deliver for the plain target y_plain::
 
-    yᵢ = g_iᵀz̄₀ + cᵢ·(y_plain,i − g_iᵀz̄₀),   cᵢ = clip(ρᵢ / r_{k−1}, 1/c_max, c_max),
+    yᵢ = g_iᵀz̄₀ + cᵢ·(y_plain,i − g_iᵀz̄₀),   cᵢ = clip(ρᵢ / r_{k−1}, 1, c_max),
 
 with r_{k−1} the delivered fraction measured in the previous round (cᵢ = 1 in the first guided
-round, and c_max when r_{k−1} ≤ 0). Then sₖ₊₁ = r·c·(sₖ + δ) ≈ ρ·(sₖ + δ): the exact model's
+round, and c_max when r_{k−1} ≤ 0; never below 1: when r ≈ ρ ≈ 1 the plateau δ·r/(1 − r) is so
+sensitive to r that the ~1 % error of ρ estimated from B unguided samples, let shrink the target,
+costs more than it corrects). Then sₖ₊₁ = r·c·(sₖ + δ) ≈ ρ·(sₖ + δ): the exact model's
 iteration, converging to x_λ*. When the model delivers what the exact model would (r = ρ), c = 1
 and the rule is the plain one. (Dividing δ by r alone, y = gᵀz̄ + δ/r, has the fixed point
 δ/(1 − r): it gains only a factor 1/r and still stalls for small r.)
@@ -101,13 +103,13 @@ def implied_plateau(r: float | None, increment: float, reward0: float) -> float 
 def corrected_targets(g: Tensor, y_plain: Tensor, z0: Tensor, rho: Tensor, r_prev: float | None,
                       max_correction: float) -> tuple[Tensor, float]:
     """(y, mean c) of the corrected rule ``y = gᵀz̄₀ + c·(y_plain − gᵀz̄₀)``, ``c = clip(ρ/r_prev,
-    1/c_max, c_max)`` (module docstring; c = 1 without a previous round)."""
+    1, c_max)`` (module docstring; c = 1 without a previous round)."""
     if r_prev is None:
         return y_plain, 1.0
     G = g.detach().flatten(1) if g.ndim == z0.ndim else g.detach().reshape(1, -1)
     base = (G.double() @ z0.detach().flatten(1).double().mean(0)).to(y_plain.dtype)
     if r_prev > 0:
-        c = (rho / r_prev).clamp(1 / max_correction, max_correction)
+        c = (rho / r_prev).clamp(1.0, max_correction)
     else:
         c = torch.full_like(rho, max_correction)
     c = c.to(y_plain.dtype)

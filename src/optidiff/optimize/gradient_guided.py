@@ -365,9 +365,9 @@ def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objectiv
         target: y* of the fixed-target rule ``y = y* − f(z) + gᵀz`` (give one of the two).
         target_rule: ``"plain"`` (the rule above, as the paper) or ``"corrected"``: the target
             rescaled about the prior mean by c = ρ/r_{k−1} (the exact model's fraction over the
-            fraction delivered in the previous round, clipped to [1/max_correction,
+            fraction delivered in the previous round, clipped to [1,
             max_correction]) so that an imperfect network moves as an exact one would
-            (:mod:`optidiff.optimize.delivered`); equal to the plain rule when r = ρ.
+            (:mod:`optidiff.optimize.delivered`); equal to the plain rule when r ≥ ρ.
         max_correction: the clip of the corrected rule's factor c (≥ 1).
         guidance: ``"lookahead"`` (G_loss), ``"naive"`` or a callable ``(g, y) -> guidance``.
         gradient_at: ``"sample"`` (per-sample chains, as the official code) or ``"mean"`` (at the

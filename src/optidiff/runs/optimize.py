@@ -115,23 +115,24 @@ def references(task: Any, objective: str, increment: float | None, noise_std: fl
 
 
 def write_optimize_report(run: RunDir, task: Any, objective: str, runs: dict[str, Path],
-                          refs: dict[str, float], title: str) -> Path:
+                          refs: dict[str, float], title: str, prefix: str = "") -> Path:
     """Curves of every optimization run in ``runs`` (name → its directory), the projection of
-    five of its rounds' samples, and ``report.html`` of ``run``."""
+    five of its rounds' samples (figures ``{prefix}curves``, ``{prefix}projection``), and
+    ``report.html`` of ``run``."""
     hists = {name: [{k: v for k, v in r.items() if k != "event"}
                     for r in read_jsonl(p / "metrics.jsonl")] for name, p in runs.items()}
     keys = [("reward_mean", "mean reward", "plateau", "implied plateau R₀ + δr/(1−r)"),
             ("delivered_fraction", "delivered fraction r", "exact_fraction",
              "exact model's fraction ρ"),
             ("reward_top_k", "top-k reward"), *getattr(task, "plot_metrics", ())]
-    run.save_figure(curves_figure(hists, keys, refs), "curves")
+    run.save_figure(curves_figure(hists, keys, refs), f"{prefix}curves")
     samples, rounds = {}, {}
     for name, p in runs.items():
         last = hists[name][-1]["round"]
         rounds[name] = sorted({0, last // 4, last // 2, (3 * last) // 4, last})
         samples[name] = [load_tensors(p / "samples" / f"round_{k:05d}.safetensors")["samples"]
                          for k in rounds[name]]
-    run.save_figure(projection_figure(task, objective, samples, rounds), "projection")
+    run.save_figure(projection_figure(task, objective, samples, rounds), f"{prefix}projection")
     return run.write_report(title)
 
 
