@@ -392,7 +392,8 @@ def _linear_problem(D=4, seed=0):
 
 def test_delivered_fraction_equals_its_definition_on_recorded_rounds(tmp_path):
     """rₖ = Σ g_iᵀ(z_{k+1,i} − z̄₀)/Σ(y_i − g_iᵀz̄₀) recomputed from the saved samples and the
-    guidance's (g, y), and plateau = R₀ + δ·r/(1 − r), for per-sample and batch-mean gradients."""
+    guidance's (g, y), and plateau = R + δ·r/(1 − r) − s (linearised at the round, s its mean
+    shift g_iᵀ(z_i − z̄₀)), for per-sample and batch-mean gradients."""
     p, model = _small()
     for gradient_at in ("sample", "mean"):
         seen = []
@@ -415,8 +416,8 @@ def test_delivered_fraction_equals_its_definition_on_recorded_rounds(tmp_path):
             den = sum(y.reshape(-1)[i] - gg[i] @ zbar0 for i in range(len(gg)))
             rec = res.history[k + 1]
             assert rec["delivered_fraction"] == pytest.approx((num / den).item(), rel=1e-9)
-            r = rec["delivered_fraction"]
-            want = res.history[0]["reward_mean"] + 0.7 * r / (1 - r) if 0 < r < 1 else None
+            r, s = rec["delivered_fraction"], (num / len(gg)).item()
+            want = rec["reward_mean"] - s + 0.7 * r / (1 - r) if 0 < r < 1 else None
             assert rec["plateau"] == (pytest.approx(want, rel=1e-9) if want is not None else None)
         assert "delivered_fraction" not in res.history[0]
 

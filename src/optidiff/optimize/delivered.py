@@ -23,8 +23,10 @@ model's own distribution, not of its guided response.
 
 **Plateau.** Write sₖ = gᵀ(z̄ₖ − x̄0). The increment rule asks yₖ − gᵀx̄0 = sₖ + δ, so
 sₖ₊₁ = r·(sₖ + δ), whose fixed point is s* = δ·r/(1 − r) (for 0 < r < 1; none for r ≥ 1). To first
-order f(z) ≈ f(x̄0) + gᵀ(z − x̄0), so the mean reward stalls at R₀ + δ·r/(1 − r), R₀ the mean
-reward of round 0. For the exact model r = ρ and s* = δ·gᵀΣg/σ_y², the linearised x_λ* with
+order about round k's samples, f(z*) ≈ f(zₖ) + gᵀ(z* − zₖ), so the mean reward stalls at
+Rₖ + s* − sₖ, Rₖ the round's mean reward (``plateau``; for a linear f this is R₀ + δ·r/(1 − r),
+R₀ the mean reward of round 0; the error is second order in the distance to the fixed point, so
+it vanishes as the run settles). For the exact model r = ρ and s* = δ·gᵀΣg/σ_y², the linearised x_λ* with
 λ = σ_y²/δ (Guo et al.'s fixed point): a network with r < ρ stalls short of it.
 
 **Corrected target rule** (beyond the paper). Ask for the target whose delivered part is what an
@@ -92,12 +94,13 @@ def exact_fraction(g: Tensor, z0: Tensor, noise_std: float) -> Tensor:
     return q / (noise_std**2 + q)
 
 
-def implied_plateau(r: float | None, increment: float, reward0: float) -> float | None:
-    """R₀ + δ·r/(1 − r), the mean reward at which the increment rule stalls when every round
-    delivers the fraction r (module docstring); ``None`` without a fixed point (r ≤ 0 or r ≥ 1)."""
+def implied_plateau(r: float | None, increment: float, base: float) -> float | None:
+    """base + δ·r/(1 − r): with base = Rₖ − sₖ (R₀ for a linear f), the mean reward at which the
+    increment rule stalls when every round delivers the fraction r (module docstring); ``None``
+    without a fixed point (r ≤ 0 or r ≥ 1)."""
     if r is None or not math.isfinite(r) or not 0 < r < 1:
         return None
-    return reward0 + increment * r / (1 - r)
+    return base + increment * r / (1 - r)
 
 
 def corrected_targets(g: Tensor, y_plain: Tensor, z0: Tensor, rho: Tensor, r_prev: float | None,

@@ -14,8 +14,8 @@ pre-trained model is never changed::
         z_{k+1} = B fresh samples guided by LookAhead(g_k, y_k) (or NaiveGradient)
 
 Every round starts from fresh noise and delivers only a fraction r of the requested shift; the
-increment rule then stalls at R₀ + δ·r/(1 − r). Each round records r and that plateau, and
-``target_rule="corrected"`` rescales the target so that a network delivers what an exact model
+increment rule then stalls where gᵀ(z̄ − z̄₀) = δ·r/(1 − r). Each round records r and that
+plateau, and ``target_rule="corrected"`` rescales the target so that a network delivers what an exact model
 would (:mod:`optidiff.optimize.delivered`, beyond the paper).
 
 Their theorem: for concave, L-smooth f and a linear (Gaussian) score, the batch mean converges
@@ -179,17 +179,19 @@ def _record(k: int, z: Tensor, rewards: Tensor, objective: Objective, top_k: int
 
 
 def _delivery(g: Tensor, y: Tensor, y_plain: Tensor, z: Tensor, z0: Tensor, rho: Tensor,
-              increment: float | None, reward0: float) -> dict[str, Any]:
+              increment: float | None, reward: float) -> dict[str, Any]:
     """The round's delivered fraction, the exact model's fraction for the same requests and, for
-    the increment rule, the plateaus they imply (:mod:`optidiff.optimize.delivered`)."""
+    the increment rule, the plateaus they imply, linearised at this round's samples (mean reward
+    ``reward``, shift s = mean g_iᵀ(z_i − z̄₀); :mod:`optidiff.optimize.delivered`)."""
     got, asked = dlv.shifts(g, y, z, z0)
     rec = {"delivered_fraction": dlv.ratio(got, asked),
            "exact_fraction": dlv.ratio(rho * asked, asked)}
     if increment is not None:
         # the plateau of the rule as run: delivered shift over the *plain* request
         r_eff = dlv.ratio(got, dlv.shifts(g, y_plain, z, z0)[1])
-        rec["plateau"] = dlv.implied_plateau(r_eff, increment, reward0)
-        rec["exact_plateau"] = dlv.implied_plateau(rec["exact_fraction"], increment, reward0)
+        base = reward - got.mean().item()
+        rec["plateau"] = dlv.implied_plateau(r_eff, increment, base)
+        rec["exact_plateau"] = dlv.implied_plateau(rec["exact_fraction"], increment, base)
     return rec
 
 
@@ -312,7 +314,6 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         save(0, z, rewards, best)
         start = 0
 
-    reward0 = history[0]["reward_mean"]
     bar = tqdm(range(start, rounds), desc=algorithm, disable=progress_off(progress), leave=False)
     for k in bar:
         t0 = time.perf_counter()
@@ -328,7 +329,7 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         rewards, at_mean = score(z)
         best = update_best(best, z, rewards)
         extra = updater.round_info() if updater is not None else {}
-        extra.update(_delivery(g, y, y_plain, z, z0, rho, increment, reward0))
+        extra.update(_delivery(g, y, y_plain, z, z0, rho, increment, rewards.mean().item()))
         if corr is not None:
             extra["target_correction"] = corr
         history.append(_record(k + 1, z, rewards, objective, top_k, metrics, at_mean, y,
@@ -397,8 +398,10 @@ def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objectiv
     :mod:`optidiff.optimize.delivered`: ``delivered_fraction`` (r of the guidance that produced
     the round, centred at the unguided round's mean), ``exact_fraction`` (ρ, what an exact
     Gaussian model would deliver for the same requests) and, for the increment rule,
-    ``plateau`` (R₀ + δ·r/(1 − r), the mean reward at which the run stalls if every round delivers
-    as this one; ``None`` when r ∉ (0, 1)) and ``exact_plateau`` (the same with ρ: the linearised
+    ``plateau`` (R + δ·r/(1 − r) − s, the mean reward at which the run stalls if every round
+    delivers as this one, linearised at this round: R its mean reward, s its mean shift
+    g_iᵀ(z_i − z̄₀); R₀ + δ·r/(1 − r) for a linear f; ``None`` when r ∉ (0, 1)) and
+    ``exact_plateau`` (the same with ρ: where an exact model would stall, the linearised
     f(x_λ*)); with ``target_rule="corrected"``, ``target_correction`` (the mean factor c).
     """
     return run_loop(model, objective, sigmas, rounds=rounds, batch_size=batch_size,

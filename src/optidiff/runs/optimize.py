@@ -121,7 +121,7 @@ def write_optimize_report(run: RunDir, task: Any, objective: str, runs: dict[str
     ``report.html`` of ``run``."""
     hists = {name: [{k: v for k, v in r.items() if k != "event"}
                     for r in read_jsonl(p / "metrics.jsonl")] for name, p in runs.items()}
-    keys = [("reward_mean", "mean reward", "plateau", "implied plateau R₀ + δr/(1−r)"),
+    keys = [("reward_mean", "mean reward", "plateau", "implied plateau (δr/(1−r) ahead)"),
             ("delivered_fraction", "delivered fraction r", "exact_fraction",
              "exact model's fraction ρ"),
             ("reward_top_k", "top-k reward"), *getattr(task, "plot_metrics", ())]
