@@ -270,7 +270,7 @@ class OptimizeSection(Section):
     increment: float | None = Pos
     target: float | None = Field(None, allow_inf_nan=False)
     target_rule: Literal["plain", "corrected"] = "plain"
-    max_correction: float = Field(4.0, ge=1, allow_inf_nan=False)
+    max_correction: float = Field(2.0, ge=1, allow_inf_nan=False)
     noise_std: float = Field(0.1, gt=0, allow_inf_nan=False)
     top_k: int = Field(4, ge=1, le=10**6)
     seed: Seed = 0

@@ -224,7 +224,7 @@ class _Updater:
 def adaptive(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigmas: Tensor, *,
              rounds: int, batch_size: int, increment: float | None = None,
              target: float | None = None, target_rule: str = "plain",
-             max_correction: float = 4.0, guidance: str | Callable = "lookahead",
+             max_correction: float = 2.0, guidance: str | Callable = "lookahead",
              gradient_at: str = "sample", noise_std: float = 0.1, beta: Any = None,
              sampler: str = "ddpm", sampler_kwargs: dict | None = None,
              finetune: Finetune | None = None, start_round: int = 0, replay_decay: float | None = None,
