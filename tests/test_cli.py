@@ -481,12 +481,15 @@ def test_readme_config_is_valid():
 def test_optimize_runs_a_config_and_writes_the_report(tmp_path):
     cfg = tmp_path / "opt.toml"
     cfg.write_text('name = "t"\n[model]\nkind = "exact"\n[sampler]\nsteps = 10\nbatch_size = 16\n'
-                   '[optimize]\nrounds = 2\nincrement = 0.2\n')
+                   '[optimize]\nrounds = 2\nincrement = 0.2\ntarget_rule = "corrected"\n')
     result = invoke("optimize", cfg, "--run-dir", tmp_path / "run", "--no-progress")
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
                .splitlines()]
     assert [r["round"] for r in records if "round" in r][-1] == 2
+    last = [r for r in records if "round" in r][-1]
+    assert 0 < last["delivered_fraction"] < 1.5 and last["target_correction"] > 0
+    assert (tmp_path / "run" / "plots" / "curves.png").is_file()
     assert (tmp_path / "run" / "report.html").exists()
     assert "report:" in result.output
 

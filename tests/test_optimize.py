@@ -18,6 +18,7 @@ import torch
 
 import optidiff as od
 import optidiff.optimize as opt
+from optidiff.checkpoint import load_tensors
 from optidiff.guidance import LookAhead
 from optidiff.metrics import off_subspace_ratio
 from optidiff.models import GaussianDenoiser, SubspaceGaussianDenoiser, TimeMLP
@@ -376,3 +377,123 @@ def test_objective_wrong_shape_in_the_loop():
     with pytest.raises(ObjectiveError, match="expected \\(4,\\)"):
         opt.gradient_guided(model, lambda x: p["f"](x)[:, None], grid(5), rounds=1, batch_size=4,
                             increment=1.0, dtype=F64)
+
+
+# ------------------------------------------------------------------------- delivered fraction
+
+def _linear_problem(D=4, seed=0):
+    """Prior N(0, Σ), linear f = θᵀx (g ≡ θ) with σ_y² = θᵀΣθ: an exact model delivers
+    ρ = θᵀΣθ/(σ_y² + θᵀΣθ) = 1/2 of every requested shift (Lemma 1's posterior mean)."""
+    p = quadratic_problem(D=D, seed=seed)
+    theta = torch.linspace(-1.0, 1.0, D, dtype=F64)
+    q = (theta @ p["cov"] @ theta).item()
+    return p["mean"], p["cov"], theta, math.sqrt(q)
+
+
+def test_delivered_fraction_equals_its_definition_on_recorded_rounds(tmp_path):
+    """rₖ = Σ g_iᵀ(z_{k+1,i} − z̄₀)/Σ(y_i − g_iᵀz̄₀) recomputed from the saved samples and the
+    guidance's (g, y), and plateau = R + δ·r/(1 − r) − s (linearised at the round, s its mean
+    shift g_iᵀ(z_i − z̄₀)), for per-sample and batch-mean gradients."""
+    p, model = _small()
+    for gradient_at in ("sample", "mean"):
+        seen = []
+
+        def spy(g, y):
+            seen.append((g.clone(), y.clone()))
+            return LookAhead(g, y, noise_std=1.0)
+
+        run = tmp_path / gradient_at
+        res = opt.gradient_guided(model, p["f"], grid(10), rounds=3, batch_size=16, increment=0.7,
+                                  guidance=spy, noise_std=1.0, dtype=F64, run_dir=run,
+                                  gradient_at=gradient_at)
+        z = [load_tensors(run / "samples" / f"round_{k:05d}.safetensors")["samples"]
+             for k in range(4)]
+        zbar0 = z[0].mean(0)
+        for k, (g, y) in enumerate(seen):
+            zk = z[k + 1] if gradient_at == "sample" else z[k + 1].mean(0, keepdim=True)
+            gg = g if g.ndim == 2 else g[None]
+            num = sum(gg[i] @ (zk[i] - zbar0) for i in range(len(gg)))
+            den = sum(y.reshape(-1)[i] - gg[i] @ zbar0 for i in range(len(gg)))
+            rec = res.history[k + 1]
+            assert rec["delivered_fraction"] == pytest.approx((num / den).item(), rel=1e-9)
+            r, s = rec["delivered_fraction"], (num / len(gg)).item()
+            want = rec["reward_mean"] - s + 0.7 * r / (1 - r) if 0 < r < 1 else None
+            assert rec["plateau"] == (pytest.approx(want, rel=1e-9) if want is not None else None)
+        assert "delivered_fraction" not in res.history[0]
+
+
+def test_exact_model_delivers_rho_and_stalls_at_the_recurrence_fixed_point():
+    """On an exact Gaussian model and linear f, each round delivers ρ = θᵀΣθ/(σ_y² + θᵀΣθ) = ½ of
+    the requested shift (closed form); the mean reward follows the iterated recurrence
+    sₖ₊₁ = ρ(sₖ + δ) and the recorded plateau equals its fixed point δ·ρ/(1 − ρ) (= δ here)."""
+    mean, cov, theta, sy = _linear_problem()
+    model = GaussianDenoiser(mean, cov)
+    f = lambda x: x @ theta.to(x)
+    delta, K = 1.0, 10
+    res = opt.gradient_guided(model, f, grid(), rounds=K, batch_size=4096, increment=delta,
+                              noise_std=sy, sampler="dpmpp_2m", dtype=F64, seed=4)
+    rho = 0.5
+    s, pred = res.history[0]["reward_mean"], []
+    for _ in range(K):
+        s = rho * (s + delta)
+        pred.append(s)
+    got = res.curve("reward_mean")[1:]
+    noise = 4 * sy / math.sqrt(4096)
+    assert np.all(np.abs(np.array(got) - pred) < noise + 0.01), (got, pred)
+    assert abs(pred[-1] - delta * rho / (1 - rho)) < 2e-3          # the recurrence has converged
+    for rec in res.history[3:]:
+        assert abs(rec["delivered_fraction"] - rho) < 0.03
+        assert abs(rec["exact_fraction"] - rho) < 0.03              # ρ estimated from round 0
+        assert abs(rec["plateau"] - delta) < 0.15
+    assert abs(res.history[-1]["reward_mean"] - delta * rho / (1 - rho)) < noise + 0.01
+
+
+def test_corrected_rule_is_the_plain_rule_when_r_equals_rho():
+    from optidiff.optimize.delivered import corrected_targets
+    g = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    z0 = torch.randn(7, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    rho = torch.full((5,), 0.6, dtype=F64)
+    yc, c = corrected_targets(g, y, z0, rho, 0.6, 4.0)
+    torch.testing.assert_close(yc, y, rtol=1e-12, atol=1e-12)
+    assert c == pytest.approx(1.0)
+    assert corrected_targets(g, y, z0, rho, None, 4.0)[0] is y     # first guided round: plain
+    yc, c = corrected_targets(g, y, z0, rho, 0.3, 4.0)             # under-delivery: c = 2
+    base = g @ z0.mean(0)
+    torch.testing.assert_close(yc - base, 2 * (y - base))
+    assert corrected_targets(g, y, z0, rho, -0.1, 4.0)[1] == pytest.approx(4.0)
+    # an exact model and the corrected rule: the same plateau as the plain rule
+    mean, cov, theta, sy = _linear_problem()
+    model = GaussianDenoiser(mean, cov)
+    f = lambda x: x @ theta.to(x)
+    kw = {"rounds": 8, "batch_size": 2048, "increment": 1.0, "noise_std": sy,
+          "sampler": "dpmpp_2m", "dtype": F64, "seed": 5}
+    plain = opt.gradient_guided(model, f, grid(), **kw)
+    corr = opt.gradient_guided(model, f, grid(), target_rule="corrected", max_correction=4.0,
+                               **kw)
+    # c = ρ̂/r̂ with both estimated from 2048 samples: about ±5 % of noise per round
+    assert all(abs(r["target_correction"] - 1) < 0.15 for r in corr.history[2:])
+    tail = lambda res: np.mean(res.curve("reward_mean")[-4:])
+    assert abs(tail(corr) - tail(plain)) < 0.1 and abs(tail(plain) - 1.0) < 0.06
+
+
+def test_corrected_rule_restores_the_exact_plateau_of_an_under_delivering_guidance():
+    """A guidance scaled by 0.4 delivers r < ρ and the plain rule stalls at δ·r/(1 − r), below the
+    exact model's δ·ρ/(1 − ρ) = δ; the corrected rule (c = ρ/r) reaches δ."""
+    mean, cov, theta, sy = _linear_problem()
+    model = GaussianDenoiser(mean, cov)
+    f = lambda x: x @ theta.to(x)
+    weak = lambda g, y: LookAhead(g, y, noise_std=sy, scale=0.4)
+    kw = {"rounds": 14, "batch_size": 2048, "increment": 1.0, "noise_std": sy, "guidance": weak,
+          "sampler": "dpmpp_2m", "dtype": F64, "seed": 6}
+    plain = opt.gradient_guided(model, f, grid(), **kw)
+    corr = opt.gradient_guided(model, f, grid(), target_rule="corrected", max_correction=4.0,
+                               **kw)
+    r = np.mean([h["delivered_fraction"] for h in plain.history[4:]])
+    assert r < 0.4                                        # the weak guidance under-delivers
+    tail = lambda res: np.mean(res.curve("reward_mean")[-4:])
+    r0 = plain.history[0]["reward_mean"]
+    assert abs(tail(plain) - r0 - r / (1 - r)) < 0.06     # plain: its own plateau
+    assert abs(plain.history[-1]["plateau"] - r0 - r / (1 - r)) < 0.1
+    assert abs(tail(corr) - r0 - 1.0) < 0.08              # corrected: the exact model's plateau
+    assert np.mean([h["target_correction"] for h in corr.history[4:]]) > 1.2

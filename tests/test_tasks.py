@@ -14,6 +14,7 @@ from optidiff.runs.demo import demo
 from optidiff.runs.optimize import optimize_command
 from optidiff.tasks import TASKS, make_task, task_class
 from optidiff.tasks.sphere import SphereTask
+from optidiff.tasks.base import SubspaceNetSpec
 from optidiff.tasks.subspace import NetworkSpec, SubspaceTask, pretrained_network
 
 
@@ -239,9 +240,18 @@ def test_demo_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OPTIDIFF_CACHE", str(tmp_path / "cache"))
     tiny = NetworkSpec(hidden=16, depth=2, emb_dim=8, steps=20, batch_size=32)
     monkeypatch.setattr(run_mod, "NetworkSpec", lambda: tiny)
+    monkeypatch.setattr(run_mod, "SUBSPACE_NET", SubspaceNetSpec(hidden=8, depth=1, emb_dim=8,
+                                                                 steps=20, batch_size=32))
     monkeypatch.setitem(run_mod.DEMO, "steps", 5)
-    res = demo(run_dir=tmp_path / "demo", rounds=2, progress=False, echo=lambda _: None)
+    lines = []
+    res = demo(run_dir=tmp_path / "demo", rounds=2, progress=False, echo=lines.append)
     assert [r["round"] for r in res.table] == [0, 1, 2]
     assert set(res.table[0]) == {"round", "reward_naive", "ratio_naive", "reward_lookahead",
-                                 "ratio_lookahead"}
+                                 "ratio_lookahead", "reward_alg1_delta0.05",
+                                 "reward_alg1_delta0.2", "reward_alg1_delta0.8", "reward_alg2",
+                                 "ratio_alg2"}
+    assert set(res.readings) == {"a", "b", "c"} and all(t in lines for t in res.readings.values())
     assert res.report.exists()
+    for panel in "abc":
+        assert (res.run_dir / "plots" / f"{panel}_curves.png").is_file()
+    assert "reading" in res.report.read_text()

@@ -293,7 +293,8 @@ class SamplerSection(Section):
 class OptimizeSection(Section):
     """``[optimize]``: Algorithm 1 or 2 of Guo et al. (NeurIPS 2024): guidance and its step size
     ``beta``, where the gradient is taken, rounds, and the target rule (``increment`` δ, default
-    0.2, or a fixed ``target``)."""
+    0.2, or a fixed ``target``; ``target_rule = "corrected"`` rescales it by the delivered
+    fraction, :mod:`optidiff.optimize.delivered`)."""
 
     algorithm: Literal["gradient_guided", "adaptive"] = "gradient_guided"
     guidance: Literal["lookahead", "naive"] = "lookahead"
@@ -302,6 +303,8 @@ class OptimizeSection(Section):
     rounds: int = Field(100, ge=1, le=100_000)
     increment: float | None = Pos
     target: float | None = Field(None, allow_inf_nan=False)
+    target_rule: Literal["plain", "corrected"] = "plain"
+    max_correction: float = Field(2.0, ge=1, allow_inf_nan=False)
     noise_std: float = Field(0.1, gt=0, allow_inf_nan=False)
     top_k: int = Field(4, ge=1, le=10**6)
     seed: Seed = 0
@@ -323,13 +326,15 @@ class OptimizeSection(Section):
 
 
 class FinetuneSection(Section):
-    """``[finetune]`` (``algorithm = "adaptive"``): the DSM fine-tuning of Algorithm 2."""
+    """``[finetune]`` (``algorithm = "adaptive"``): the DSM fine-tuning of Algorithm 2 (defaults
+    as :func:`optidiff.optimize.adaptive`'s; the official code's are lr 1e-6, 1 step,
+    ``replay_decay = 0``)."""
 
-    lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
-    steps_per_round: int = Field(1, ge=1, le=10**6)
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    steps_per_round: int = Field(4, ge=1, le=10**6)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
     start_round: int = Field(0, ge=0)
-    replay_decay: float = Field(0.0, ge=0, le=1)
+    replay_decay: float | None = Field(None, ge=0, le=1)
     pretrain_weight: float = Field(0.0, ge=0, lt=1)
     batch_size: int | None = Field(None, ge=1, le=10**7)
 

@@ -139,16 +139,25 @@ def write_report(path: str | Path, title: str | None = None) -> Path:
     return out
 
 
-def curves_figure(runs: dict[str, list[dict]], keys: list[tuple[str, str]],
+def _curve(hist: list[dict], key: str) -> tuple[list, list]:
+    xs = [h["round"] for h in hist]
+    return xs, [math.nan if h.get(key) is None else h[key] for h in hist]
+
+
+def curves_figure(runs: dict[str, list[dict]], keys: list[tuple[str, ...]],
                   refs: dict[str, float]):
-    """One panel per ``(key, label)`` of the round records of each run, with the reference
-    values (dashed) on the reward panels."""
+    """One panel per ``(key, label)`` or ``(key, label, overlay, overlay label)`` of the round
+    records of each run (the overlay dotted in the run's colour, e.g. the implied plateau next to
+    the reward), with the reference values (dashed) on the reward panels."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(4.2 * len(keys), 3.4))
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, (key, label) in zip(axes, keys):
+    for ax, (key, label, *over) in zip(axes, keys):
         for name, hist in runs.items():
-            ax.plot([h["round"] for h in hist], [h.get(key, math.nan) for h in hist], label=name)
+            (line,) = ax.plot(*_curve(hist, key), label=name)
+            if over and any(h.get(over[0]) is not None for h in hist):
+                ax.plot(*_curve(hist, over[0]), ls=":", color=line.get_color(),
+                        label=f"{name}: {over[1]}")
         for rname, val in refs.items():
             if key.startswith("reward") and val is not None and math.isfinite(val):
                 ax.axhline(val, ls="--", lw=0.8, color="gray")

@@ -4,6 +4,8 @@
 - :func:`gradient_guided`: Algorithm 1 of Guo, Yuan, Yang, Chen & Wang (NeurIPS 2024) (the
   pre-trained model is fixed; guidance only).
 - :func:`adaptive`: their Algorithm 2 (the model is also fine-tuned on each round's samples).
+- :mod:`~optidiff.optimize.delivered`: the delivered fraction of a guided round, the plateau it
+  implies, and the corrected target rule.
 - :mod:`~optidiff.optimize.reference`: closed-form references of their theorems (regularized
   optimum x_λ*, λ = σ_y²/δ, the batch-mean map and its rate).
 - :mod:`~optidiff.optimize.rewards` and :mod:`~optidiff.optimize.offline`: offline reward
@@ -16,7 +18,7 @@ Config-driven runs (``optidiff optimize``) and the demo live in :mod:`optidiff.r
 
 from typing import Any
 
-from . import reference
+from . import delivered, reference
 from .adaptive import DSMFinetune, GaussianRefit, adaptive, refit_gaussian
 from .gradient_guided import OptimizeResult, gradient_guided, make_guidance
 from .objectives import Objective, ObjectiveError, as_objective
@@ -33,9 +35,9 @@ from .rewards import (
 
 __all__ = ["DSMFinetune", "EnsembleReward", "GaussianRefit", "MLPReward", "Objective",
            "ObjectiveError", "OfflineResult", "OptimizeResult", "RidgeReward", "adaptive",
-           "as_objective", "ddom_schedule", "ddom_weights", "fit_reward", "gradient_ascent",
-           "gradient_guided", "load_result", "make_guidance", "pseudo_label", "reference",
-           "refit_gaussian", "reward_conditioned", "reward_guided", "subopt"]
+           "as_objective", "ddom_schedule", "ddom_weights", "delivered", "fit_reward",
+           "gradient_ascent", "gradient_guided", "load_result", "make_guidance", "pseudo_label",
+           "reference", "refit_gaussian", "reward_conditioned", "reward_guided", "subopt"]
 
 
 def load_result(run_dir: Any, device: Any = None) -> OptimizeResult:

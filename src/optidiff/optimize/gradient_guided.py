@@ -13,6 +13,11 @@ pre-trained model is never changed::
                                          the official image code)
         z_{k+1} = B fresh samples guided by LookAhead(g_k, y_k) (or NaiveGradient)
 
+Every round starts from fresh noise and delivers only a fraction r of the requested shift; the
+increment rule then stalls where gᵀ(z̄ − z̄₀) = δ·r/(1 − r). Each round records r and that
+plateau, and ``target_rule="corrected"`` rescales the target so that a network delivers what an exact model
+would (:mod:`optidiff.optimize.delivered`, beyond the paper).
+
 Their theorem: for concave, L-smooth f and a linear (Gaussian) score, the batch mean converges
 linearly to the regularized optimum x_λ* = argmax f(x) − (λ/2)‖x − x̄0‖²_{Σ̄0⁻¹}; with the
 increment rule and the Lemma-1 step size the fixed point has λ = σ_y²/δ (the guided
@@ -43,12 +48,15 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from ..sampling import progress_off, sample
+from . import delivered as dlv
 from .objectives import Objective, as_objective
 
-__all__ = ["GRADIENT_AT", "GUIDANCES", "OptimizeResult", "gradient_guided", "make_guidance"]
+__all__ = ["GRADIENT_AT", "GUIDANCES", "TARGET_RULES", "OptimizeResult", "gradient_guided",
+           "make_guidance"]
 
 GUIDANCES = ("lookahead", "naive")
 GRADIENT_AT = ("sample", "mean")
+TARGET_RULES = ("plain", "corrected")
 Metrics = Callable[[Tensor], dict[str, float]]
 
 
@@ -112,7 +120,7 @@ def make_guidance(kind: str | Callable, g: Tensor, y: Tensor | float, *, beta: A
 
 def _check_args(rounds: int, batch_size: int, increment: float | None, target: float | None,
                 guidance: Any, gradient_at: str, noise_std: float, top_k: int,
-                run_dir: Any, resume: bool) -> None:
+                run_dir: Any, resume: bool, target_rule: str, max_correction: float) -> None:
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be an int >= 0, got rounds={rounds!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -129,6 +137,12 @@ def _check_args(rounds: int, batch_size: int, increment: float | None, target: f
                          "callable (g, y) -> guidance")
     if gradient_at not in GRADIENT_AT:
         raise ValueError(f"gradient_at must be one of {GRADIENT_AT}, got {gradient_at!r}")
+    if target_rule not in TARGET_RULES:
+        raise ValueError(f"target_rule must be one of {TARGET_RULES}, got {target_rule!r}")
+    if not (isinstance(max_correction, (int, float)) and math.isfinite(max_correction)
+            and max_correction >= 1):
+        raise ValueError(f"max_correction must be a finite number >= 1, got "
+                         f"max_correction={max_correction!r}")
     if not (math.isfinite(noise_std) and noise_std > 0):
         raise ValueError(f"noise_std (σ_y) must be finite and > 0, got noise_std={noise_std!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
@@ -181,6 +195,23 @@ def _record(k: int, z: Tensor, rewards: Tensor, objective: Objective, top_k: int
     return rec
 
 
+def _delivery(g: Tensor, y: Tensor, y_plain: Tensor, z: Tensor, z0: Tensor, rho: Tensor,
+              increment: float | None, reward: float) -> dict[str, Any]:
+    """The round's delivered fraction, the exact model's fraction for the same requests and, for
+    the increment rule, the plateaus they imply, linearised at this round's samples (mean reward
+    ``reward``, shift s = mean g_iᵀ(z_i − z̄₀); :mod:`optidiff.optimize.delivered`)."""
+    got, asked = dlv.shifts(g, y, z, z0)
+    rec = {"delivered_fraction": dlv.ratio(got, asked),
+           "exact_fraction": dlv.ratio(rho * asked, asked)}
+    if increment is not None:
+        # the plateau of the rule as run: delivered shift over the *plain* request
+        r_eff = dlv.ratio(got, dlv.shifts(g, y_plain, z, z0)[1])
+        base = reward - got.mean().item()
+        rec["plateau"] = dlv.implied_plateau(r_eff, increment, base)
+        rec["exact_plateau"] = dlv.implied_plateau(rec["exact_fraction"], increment, base)
+    return rec
+
+
 def _config_json(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in config.items():
@@ -200,11 +231,12 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
              metrics: Metrics | None, run_dir: str | Path | None, resume: bool,
              save_samples: bool, generator: torch.Generator | None, seed: int | None,
              dtype: torch.dtype | None, device: torch.device | str | None, progress: bool,
+             target_rule: str = "plain", max_correction: float = 2.0,
              updater: Any = None, algorithm: str = "gradient_guided",
              config: dict[str, Any] | None = None) -> OptimizeResult:
     """The loop shared by Algorithms 1 and 2 (``updater``: Algorithm 2's fine-tuning step)."""
     _check_args(rounds, batch_size, increment, target, guidance, gradient_at, noise_std, top_k,
-                run_dir, resume)
+                run_dir, resume, target_rule, max_correction)
     objective = as_objective(objective)
     if generator is None:
         generator = torch.Generator(device=device or "cpu").manual_seed(0 if seed is None else seed)
@@ -218,7 +250,8 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
     config = _config_json({"algorithm": algorithm, "batch_size": batch_size, "increment": increment,
                            "target": target, "guidance": guidance, "gradient_at": gradient_at,
                            "noise_std": noise_std, "beta": beta, "sampler": skw,
-                           "top_k": top_k,
+                           "top_k": top_k, "target_rule": target_rule,
+                           "max_correction": max_correction,
                            "sigmas": [float(v) for v in torch.as_tensor(sigmas).tolist()],
                            **(config or {})})
     rdir = Path(run_dir) if run_dir is not None else None
@@ -248,7 +281,7 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
             ckpt.save_tensors(rdir / "samples" / f"round_{k:05d}.safetensors",
                               {"samples": z, "rewards": rewards})
         ckpt.append_jsonl(rdir / "metrics.jsonl", history[-1])
-        st = {"round": k, "z": z, "rewards": rewards, "best_samples": best[0],
+        st = {"round": k, "z": z, "z0": z0, "rewards": rewards, "best_samples": best[0],
               "best_rewards": best[1], "generator": generator.get_state(),
               "queries": objective.queries}
         if updater is not None:
@@ -272,6 +305,7 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         if start > rounds:
             raise ValueError(f"{rdir} already ran {start} rounds, more than rounds={rounds}")
         z, rewards = state["z"].to(device=device or "cpu"), state["rewards"].to(device or "cpu")
+        z0 = state["z0"].to(z)
         best = (state["best_samples"].to(z), state["best_rewards"].to(rewards))
         generator.set_state(state["generator"])
         objective.load_queries(state["queries"])
@@ -288,7 +322,7 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
                    if gradient_at == "mean" else None)
     else:
         t0 = time.perf_counter()
-        z = draw(None)
+        z = z0 = draw(None)
         rewards, at_mean = score(z)
         best = update_best(None, z, rewards)
         extra = updater.round_info() if updater is not None else {}
@@ -300,13 +334,21 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
     bar = tqdm(range(start, rounds), desc=algorithm, disable=progress_off(progress), leave=False)
     for k in bar:
         t0 = time.perf_counter()
-        g, y = _targets(objective, z, rewards, gradient_at, increment, target, at_mean)
+        g, y_plain = _targets(objective, z, rewards, gradient_at, increment, target, at_mean)
+        rho = dlv.exact_fraction(g, z0, noise_std)
+        y, corr = y_plain, None
+        if target_rule == "corrected":
+            y, corr = dlv.corrected_targets(g, y_plain, z0, rho, history[-1].get(
+                "delivered_fraction"), max_correction)
         if updater is not None:
             model = updater.step(model, k, z, generator)
         z = draw(make_guidance(guidance, g, y, beta=beta, noise_std=noise_std))
         rewards, at_mean = score(z)
         best = update_best(best, z, rewards)
         extra = updater.round_info() if updater is not None else {}
+        extra.update(_delivery(g, y, y_plain, z, z0, rho, increment, rewards.mean().item()))
+        if corr is not None:
+            extra["target_correction"] = corr
         history.append(_record(k + 1, z, rewards, objective, top_k, metrics, at_mean, y,
                                time.perf_counter() - t0, extra))
         save(k + 1, z, rewards, best)
@@ -317,7 +359,8 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
 
 def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigmas: Tensor,
                     *, rounds: int, batch_size: int, increment: float | None = None,
-                    target: float | None = None, guidance: str | Callable = "lookahead",
+                    target: float | None = None, target_rule: str = "plain",
+                    max_correction: float = 2.0, guidance: str | Callable = "lookahead",
                     gradient_at: str = "sample", noise_std: float = 0.1, beta: Any = None,
                     sampler: str = "ddpm", sampler_kwargs: dict | None = None, top_k: int = 4,
                     metrics: Metrics | None = None, run_dir: str | Path | None = None,
@@ -338,6 +381,14 @@ def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objectiv
         batch_size: B, samples per round.
         increment: δ of the rule ``y = gᵀz + δ`` (the official code's ``--interval``).
         target: y* of the fixed-target rule ``y = y* − f(z) + gᵀz`` (give one of the two).
+        target_rule: ``"plain"`` (the rule above, as the paper) or ``"corrected"``: the target
+            rescaled about the prior mean by c = ρ/r_{k−1} (the exact model's fraction over the
+            fraction delivered in the previous round, clipped to [1,
+            max_correction]) so that an imperfect network moves as an exact one would
+            (:mod:`optidiff.optimize.delivered`); equal to the plain rule when r ≥ ρ.
+        max_correction: the clip of the corrected rule's factor c (≥ 1). Default 2: on the
+            subspace task's TimeMLP, c up to 4 drove the samples off the data and the reward
+            diverged (the ``guidance_subspace`` benchmark).
         guidance: ``"lookahead"`` (G_loss), ``"naive"`` or a callable ``(g, y) -> guidance``.
         gradient_at: ``"sample"`` (per-sample chains, as the official code) or ``"mean"`` (at the
             batch mean, as the paper).
@@ -362,11 +413,20 @@ def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objectiv
     the guidance that produced the round), ``value_queries`` and ``grad_queries`` (cumulative, per
     point: rounds 0 … k scored with B value queries each, plus one for f(z̄) with
     ``gradient_at="mean"``; k gradient queries of B points, or of 1 point at the mean),
-    ``seconds``, and the caller's ``metrics``.
+    ``seconds``, and the caller's ``metrics``. Rounds k ≥ 1 also hold the diagnostics of
+    :mod:`optidiff.optimize.delivered`: ``delivered_fraction`` (r of the guidance that produced
+    the round, centred at the unguided round's mean), ``exact_fraction`` (ρ, what an exact
+    Gaussian model would deliver for the same requests) and, for the increment rule,
+    ``plateau`` (R + δ·r/(1 − r) − s, the mean reward at which the run stalls if every round
+    delivers as this one, linearised at this round: R its mean reward, s its mean shift
+    g_iᵀ(z_i − z̄₀); R₀ + δ·r/(1 − r) for a linear f; ``None`` when r ∉ (0, 1)) and
+    ``exact_plateau`` (the same with ρ: where an exact model would stall, the linearised
+    f(x_λ*)); with ``target_rule="corrected"``, ``target_correction`` (the mean factor c).
     """
     return run_loop(model, objective, sigmas, rounds=rounds, batch_size=batch_size,
                     increment=increment, target=target, guidance=guidance,
                     gradient_at=gradient_at, noise_std=noise_std, beta=beta, sampler=sampler,
                     sampler_kwargs=sampler_kwargs, top_k=top_k, metrics=metrics, run_dir=run_dir,
                     resume=resume, save_samples=save_samples, generator=generator, seed=seed,
-                    dtype=dtype, device=device, progress=progress)
+                    dtype=dtype, device=device, progress=progress, target_rule=target_rule,
+                    max_correction=max_correction)

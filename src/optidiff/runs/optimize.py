@@ -4,7 +4,8 @@ Chen & Wang, NeurIPS 2024), and the report of such runs.
 The run directory holds ``run.json``, ``config.toml``, ``model.json`` (where the model came from),
 what :func:`optidiff.optimize.gradient_guided` writes after every round (``config.json``,
 ``metrics.jsonl``, ``samples/round_XXXXX.safetensors``, the resumable ``state/``), the plots
-(reward and the task's metrics per round, a 2-D projection of the samples over rounds) and
+(reward with the plateau implied by the delivered fraction, the delivered fraction r next to
+the exact model's ρ, and the task's metrics per round, a 2-D projection of the samples over rounds) and
 ``report.html``.
 """
 
@@ -111,7 +112,8 @@ def _run(cfg: OptimizeConfig, task: Any, model: Any, sched: Schedule, run_dir: P
     sigmas = sched.sample_sigmas(s["steps"], final_zero=True)
     skw = {k: s[k] for k in ("gamma", "mu") if s.get(k) is not None}
     common = {"rounds": o.rounds, "batch_size": s["batch_size"], "increment": o.increment,
-              "target": o.target, "guidance": o.guidance, "gradient_at": o.gradient_at,
+              "target": o.target, "target_rule": o.target_rule,
+              "max_correction": o.max_correction, "guidance": o.guidance, "gradient_at": o.gradient_at,
               "noise_std": o.noise_std, "beta": o.beta, "sampler": s["name"],
               "sampler_kwargs": skw, "top_k": o.top_k, "metrics": task.metrics,
               "run_dir": run_dir, "resume": resume, "seed": o.seed, "progress": progress,
@@ -144,14 +146,17 @@ def references(task: Any, objective: str, increment: float | None, noise_std: fl
 
 
 def write_optimize_report(run: RunDir, task: Any, objective: str, runs: dict[str, Path],
-                          refs: dict[str, float], title: str) -> Path:
+                          refs: dict[str, float], title: str, prefix: str = "") -> Path:
     """Curves of every optimization run in ``runs`` (name → its directory), the projection of
-    five of its rounds' samples, and ``report.html`` of ``run``."""
+    five of its rounds' samples (figures ``{prefix}curves``, ``{prefix}projection``), and
+    ``report.html`` of ``run``."""
     hists = {name: [{k: v for k, v in r.items() if k != "event"}
                     for r in read_jsonl(p / "metrics.jsonl")] for name, p in runs.items()}
-    keys = [("reward_mean", "mean reward"), ("reward_top_k", "top-k reward"),
-            *getattr(task, "plot_metrics", ())]
-    run.save_figure(curves_figure(hists, keys, refs), "curves")
+    keys = [("reward_mean", "mean reward", "plateau", "implied plateau (δr/(1−r) ahead)"),
+            ("delivered_fraction", "delivered fraction r", "exact_fraction",
+             "exact model's fraction ρ"),
+            ("reward_top_k", "top-k reward"), *getattr(task, "plot_metrics", ())]
+    run.save_figure(curves_figure(hists, keys, refs), f"{prefix}curves")
     samples, rounds = {}, {}
     for name, p in runs.items():
         last = hists[name][-1]["round"]
@@ -159,7 +164,7 @@ def write_optimize_report(run: RunDir, task: Any, objective: str, runs: dict[str
         samples[name] = [load_tensors(p / "samples" / f"round_{k:05d}.safetensors")["samples"]
                          for k in rounds[name]]
     run.save_figure(projection_figure(task, _view(task, objective), samples, rounds),
-                    "projection")
+                    f"{prefix}projection")
     return run.write_report(title)
 
 
