@@ -8,6 +8,7 @@ from .analytic import (
                        EmpiricalDenoiser,
                        GaussianDenoiser,
                        GaussianMixtureDenoiser,
+                       KroneckerGaussianDenoiser,
                        SubspaceGaussianDenoiser,
 )
 from .base import PREDICTION_TYPES, VPModel, X0Model, sigma_like, x0_hat
@@ -18,7 +19,8 @@ from .registry import load_model, model_from_config, model_to_config, register_m
 from .unet import UNet
 
 __all__ = ["PREDICTION_TYPES", "ConditionalMLP", "DigitClassifier", "EmpiricalDenoiser",
-           "GaussianDenoiser", "GaussianMixtureDenoiser", "NoiseConditionalClassifier",
+           "GaussianDenoiser", "GaussianMixtureDenoiser", "KroneckerGaussianDenoiser",
+           "NoiseConditionalClassifier",
            "SigmaEmbedding", "SubspaceGaussianDenoiser", "TimeMLP", "UNet", "VPModel", "X0Model",
            "load_model", "model_from_config", "model_to_config", "register_model", "save_model",
            "sigma_like", "train_classifier", "x0_hat"]
