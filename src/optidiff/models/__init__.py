@@ -16,11 +16,14 @@ from .classifiers import DigitClassifier, NoiseConditionalClassifier, train_clas
 from .conditional import ConditionalMLP
 from .mlp import SigmaEmbedding, TimeMLP
 from .registry import load_model, model_from_config, model_to_config, register_model, save_model
+from .transformer import SequenceTransformer
 from .unet import UNet
+from .unrolled import UnrolledScoreNet
 
 __all__ = ["PREDICTION_TYPES", "ConditionalMLP", "DigitClassifier", "EmpiricalDenoiser",
            "GaussianDenoiser", "GaussianMixtureDenoiser", "KroneckerGaussianDenoiser",
            "NoiseConditionalClassifier",
-           "SigmaEmbedding", "SubspaceGaussianDenoiser", "TimeMLP", "UNet", "VPModel", "X0Model",
+           "SequenceTransformer", "SigmaEmbedding", "SubspaceGaussianDenoiser", "TimeMLP", "UNet",
+           "UnrolledScoreNet", "VPModel", "X0Model",
            "load_model", "model_from_config", "model_to_config", "register_model", "save_model",
            "sigma_like", "train_classifier", "x0_hat"]
