@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from benchmarks.common import RESULTS_DIR, finish, markdown_table, parser, set_threads
+from benchmarks.common import finish, markdown_table, parser, set_threads
 
 import optidiff as od
 from optidiff import rng
@@ -245,11 +245,11 @@ def _attention_plot(task: GPTask, model, path: Path) -> Path:
 def _markdown(result: dict) -> str:
     cols = ["kernel", "n", "N", "model", "params", "steps", "train_s", "score_err", "w2_rel",
             "w2_floor_draws", "w2_floor_sampler", "autocov_error", "autocov_floor_sampler"]
-    md = [f"{result['steps']} training steps per model (batch 128 sequences), seconds measured "
-          f"on a shared, contended machine (total {result['seconds']:.0f} s).", "",
+    md = [(f"{result['steps']} training steps per model (batch 128 sequences), seconds measured "
+           f"on a shared, contended machine (total {result['seconds']:.0f} s)."), "",
           markdown_table(result["rows"], cols, digits=3), "",
-          f"Look-ahead guidance toward mean(last 4 tokens) = 1 (σ_y = 0.1), N = "
-          f"{result['lengths'][1]}:", "", markdown_table(result["guidance"], digits=3), "",
+          (f"Look-ahead guidance toward mean(last 4 tokens) = 1 (σ_y = 0.1), N = "
+           f"{result['lengths'][1]}:"), "", markdown_table(result["guidance"], digits=3), "",
           "Claims:", "", markdown_table(result["claims"], ["claim", "measured", "holds"]), ""]
     for p in result.get("plots", []):
         md.append(f"![{Path(p).stem}](benchmarks/results/{Path(p).name})")
