@@ -242,3 +242,55 @@ def test_linear_observation_bad_shapes():
 def test_kronecker_denoiser_checks_shapes():
     with pytest.raises(ValueError, match="mean"):
         KroneckerGaussianDenoiser(torch.zeros(5), torch.eye(2), torch.eye(2))
+
+
+# ------------------------------------------------------------------------------ CLI
+
+@pytest.mark.parametrize("kind", ["transformer", "unrolled"])
+def test_train_and_sample_a_gp_model_from_the_example_config(tmp_path, kind):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from optidiff.checkpoint import read_jsonl
+    from optidiff.cli import app
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "train_gp.toml").read_text()
+    text = (text.replace("length = 32", "length = 8").replace("n = 16384", "n = 256")
+            .replace("steps = 2000", "steps = 4").replace("batch_size = 2000", "batch_size = 64")
+            .replace("log_every = 100", "log_every = 2"))
+    if kind == "unrolled":
+        text = text.replace('kind = "transformer"\nwidth = 32\ndepth = 2\nheads = 2',
+                            'kind = "unrolled"\nunroll = 4\nbandwidth = 3')
+    cfg = tmp_path / "gp.toml"
+    cfg.write_text(text)
+    run = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(cfg), "--run-dir", str(run), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    rec = read_jsonl(run / "metrics.jsonl")[-1]
+    assert rec["event"] == "sample" and rec["w2_rel"] > 0 and rec["autocov_error"] > 0
+    plots = {p.stem for p in (run / "plots").iterdir()}
+    assert {"paths", "autocovariance", "loss"} <= plots
+    assert ("attention" in plots) == (kind == "transformer")
+    out = tmp_path / "s"
+    res = runner.invoke(app, ["sample", "--checkpoint", str(run), "--sampler", "dpmpp_2m",
+                              "--steps", "5", "--batch-size", "32", "--run-dir", str(out),
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "w2_rel" in read_jsonl(out / "metrics.jsonl")[0]
+    assert (out / "plots" / "paths.png").is_file()
+
+
+def test_gp_config_errors_name_the_field(tmp_path):
+    from optidiff.config import ConfigError, parse_config
+
+    base = {"task": {"name": "gp", "length": 8}, "model": {"kind": "transformer"}}
+    assert parse_config({**base}, "train").model.kind == "transformer"
+    with pytest.raises(ConfigError, match="multiple of heads"):
+        parse_config({**base, "model": {"kind": "transformer", "width": 30, "heads": 4}}, "train")
+    with pytest.raises(ConfigError, match="unroll"):
+        parse_config({**base, "model": {"kind": "transformer", "unroll": 3}}, "train")
+    with pytest.raises(ConfigError, match="kernel"):
+        from optidiff.runs.common import build_task
+        build_task(parse_config({"task": {"name": "gp", "kernel": "rbf"}}, "train"), "cfg")

@@ -109,6 +109,8 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conditional_mlp": ("ConditionalMLP", ("hidden", "depth", "emb_dim", "cond_emb_dim")),
     "unet": ("UNet", ("channels", "channel_mult", "num_res_blocks", "attention", "emb_dim",
                       "groups", "dropout", "num_classes")),
+    "transformer": ("SequenceTransformer", ("width", "depth", "heads", "emb_dim")),
+    "unrolled": ("UnrolledScoreNet", ("unroll", "bandwidth", "hidden")),
     "load": ("", ("checkpoint",)),
     "exact": ("", ()),
 }
@@ -118,7 +120,8 @@ class ModelSection(Section):
     """``[model]``: ``kind`` (a network to train, ``load`` a checkpoint, or ``exact``, the task's
     exact denoiser) and only the parameters that kind takes."""
 
-    kind: Literal["timemlp", "conditional_mlp", "unet", "load", "exact"] | None = None
+    kind: Literal["timemlp", "conditional_mlp", "unet", "transformer", "unrolled", "load",
+                  "exact"] | None = None
     checkpoint: str | None = Field(None, min_length=1)
     hidden: int | None = Field(None, gt=0, le=65_536)
     depth: int | None = Field(None, gt=0, le=64)
@@ -131,6 +134,10 @@ class ModelSection(Section):
     attention: bool | None = None
     groups: int | None = Field(None, gt=0)
     dropout: float | None = Field(None, ge=0, lt=1)
+    width: int | None = Field(None, gt=0, le=65_536, multiple_of=2)
+    heads: int | None = Field(None, gt=0, le=256)
+    unroll: int | None = Field(None, gt=0, le=10_000)
+    bandwidth: int | None = Field(None, ge=0, le=1_000_000)
 
     def params(self) -> dict[str, Any]:
         """The set parameters (other than ``kind``)."""
@@ -140,6 +147,9 @@ class ModelSection(Section):
     def _check(self) -> ModelSection:
         if self.kind is not None:
             self.resolved_kind(self.kind)
+        if self.width is not None and self.heads is not None and self.width % self.heads:
+            raise ValueError(f"width must be a multiple of heads, got width = {self.width}, "
+                             f"heads = {self.heads}")
         return self
 
     def resolved_kind(self, default: str) -> str:
