@@ -94,10 +94,10 @@ def guidance_rows(task: GPTask, models: dict, n_samples: int, target: float = 1.
 def run(quick: bool = False, threads: int | None = 1, steps: int | None = None,
         lengths: tuple[int, ...] | None = None, plots: Path | None = None) -> dict:
     set_threads(threads)
-    steps = steps or (30 if quick else 800)
-    lengths = lengths or ((8, 16) if quick else (16, 32, 64, 128))
-    sizes = (256, 2048) if quick else (2048, 16384)
-    n_samples = 200 if quick else 2000
+    steps = steps or (10 if quick else 800)
+    lengths = lengths or ((4, 8) if quick else (16, 32, 64, 128))
+    sizes = (128, 512) if quick else (2048, 16384)
+    n_samples = 100 if quick else 2000
     cells = [("ou", n) for n in sizes] + [("se", sizes[-1])]
     rows, trained, t_start = [], {}, time.perf_counter()
     for kern, n in cells:

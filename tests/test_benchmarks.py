@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import samplers, samplers_digits
+from benchmarks import gp, samplers, samplers_digits
 
 
 def test_samplers_quick_runs_and_reports_every_sampler(capsys):
@@ -26,4 +26,14 @@ def test_samplers_digits_quick_matches_the_diffusers_reference(monkeypatch, tmp_
                                                     "diffusers dpmpp_2m"}
     assert all(0 < r["fd"] < float("inf") for r in res["rows"])
     assert res["agreement"] and all(a["max abs difference"] < 1e-3 for a in res["agreement"])
+    assert "not written" in capsys.readouterr().out
+
+
+def test_gp_quick_reports_every_model_claim_and_floor(capsys):
+    result = gp.main(["--quick"])
+    assert {r["model"] for r in result["rows"]} == set(gp.MODELS)
+    assert all(r["w2_floor_sampler"] > 0 and r["score_err"] > 0 for r in result["rows"])
+    ids = {c["id"] for c in result["claims"]}
+    assert set(gp.ASSERTED) <= ids and "goal_w2" in ids
+    assert [r["model"] for r in result["guidance"]] == ["exact", *gp.MODELS]
     assert "not written" in capsys.readouterr().out
