@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import devices, samplers, samplers_digits
+from benchmarks import devices, gp, samplers, samplers_digits
 
 
 def test_samplers_quick_runs_and_reports_every_sampler(capsys):
@@ -29,21 +29,5 @@ def test_samplers_digits_quick_matches_the_diffusers_reference(monkeypatch, tmp_
     assert "not written" in capsys.readouterr().out
 
 
-def test_devices_quick_measures_every_device_and_precision():
-    result = devices.run(quick=True)
-    cells = {(r["network"], r["device"], r["precision"]) for r in result["rows"]}
-    assert cells == {(n, d, p) for n in ("TimeMLP", "UNet") for d in devices.devices()
-                     for p in devices.precisions(d)}
-    assert all(r["train steps/s"] > 0 and r["sample NFE/s"] > 0 for r in result["rows"])
-
-
-def test_lowdim_quick_runs_both_networks_against_their_floor(capsys):
-    from benchmarks import lowdim
-
-    result = lowdim.main(["--quick"])
-    assert {r["network"] for r in result["dims"]} == {"SubspaceNet", "TimeMLP"}
-    assert [r["D"] for r in result["dims"]][::2] == list(lowdim.QUICK["dims"])
-    assert all(r["W2²"] > 0 and r["floor W2²"] > 0 for r in result["rows"])
-    assert {r["n"] for r in result["ns"]} == set(lowdim.QUICK["ns"])
-    assert 0 < result["claim"]["exact floor"] < 1 and "Reading:" in result["markdown"]
+from benchmarks import devices, gp, samplers, samplers_digits
     assert "not written" in capsys.readouterr().out

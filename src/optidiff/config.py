@@ -115,6 +115,8 @@ MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "conditional_mlp": ("ConditionalMLP", ("hidden", "depth", "emb_dim", "cond_emb_dim")),
     "unet": ("UNet", ("channels", "channel_mult", "num_res_blocks", "attention", "emb_dim",
                       "groups", "dropout", "num_classes")),
+    "transformer": ("SequenceTransformer", ("width", "depth", "heads", "emb_dim")),
+    "unrolled": ("UnrolledScoreNet", ("unroll", "bandwidth", "hidden")),
     "load": ("", ("checkpoint",)),
     "exact": ("", ()),
 }
@@ -140,6 +142,10 @@ class ModelSection(Section):
     attention: bool | None = None
     groups: int | None = Field(None, gt=0)
     dropout: float | None = Field(None, ge=0, lt=1)
+    width: int | None = Field(None, gt=0, le=65_536, multiple_of=2)
+    heads: int | None = Field(None, gt=0, le=256)
+    unroll: int | None = Field(None, gt=0, le=10_000)
+    bandwidth: int | None = Field(None, ge=0, le=1_000_000)
 
     def params(self) -> dict[str, Any]:
         """The set parameters (other than ``kind``)."""
@@ -157,6 +163,9 @@ class ModelSection(Section):
     def _check(self) -> ModelSection:
         if self.kind is not None:
             self.resolved_kind(self.kind)
+        if self.width is not None and self.heads is not None and self.width % self.heads:
+            raise ValueError(f"width must be a multiple of heads, got width = {self.width}, "
+                             f"heads = {self.heads}")
         return self
 
     def resolved_kind(self, default: str) -> str:

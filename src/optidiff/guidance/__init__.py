@@ -17,6 +17,7 @@ ClassifierFree     ``eps_u + w·(eps_c − eps_u)`` (diffusers' guidance_scale) 
 Classifier         ``s·∇ₓ log c(y | x, σ)``                                  classifier fwd+bwd
 NaiveGradient      ``β(σ)·∇f(x)`` at the noisy x, or ``β(σ)(y − gᵀx0_hat)g``  model fwd
 LookAhead (G_loss) ``−β(σ)·∇ₓ(y − gᵀx0_hat(x))² = 2β(y − gᵀx0_hat)·Jᵀg``      model fwd+bwd
+LinearObservation  ``JᵀPᵀ(σ_y²I + σ²PJPᵀ)⁻¹(y − P·x0_hat)`` (forecast, in-fill)  fwd + m bwd
 DPS                ``−ζ·∇ₓ‖y_meas − 𝒜(x0_hat(x))‖``                           model fwd+bwd
 RewardGuidance     ``−s·∇ ½(a − f̂(x0_hat))²`` (DPS with a reward model)        reward fwd+bwd
 =================  ========================================================  ===================
@@ -32,7 +33,8 @@ finite.
 
 from .base import GuidanceTerm, Sum, Weight, guided_model
 from .conditional import Classifier, ClassifierFree
-from .gradient import BETA_RULES, DPS, LookAhead, NaiveGradient, RewardGuidance
+from .gradient import BETA_RULES, DPS, LinearObservation, LookAhead, NaiveGradient, RewardGuidance
 
-__all__ = ["BETA_RULES", "DPS", "Classifier", "ClassifierFree", "GuidanceTerm", "LookAhead",
+__all__ = ["BETA_RULES", "DPS", "Classifier", "ClassifierFree", "GuidanceTerm",
+           "LinearObservation", "LookAhead",
            "NaiveGradient", "RewardGuidance", "Sum", "Weight", "guided_model"]

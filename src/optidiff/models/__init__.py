@@ -9,6 +9,7 @@ from .analytic import (
                        EmpiricalDenoiser,
                        GaussianDenoiser,
                        GaussianMixtureDenoiser,
+                       KroneckerGaussianDenoiser,
                        SubspaceGaussianDenoiser,
 )
 from .base import PREDICTION_TYPES, VPModel, X0Model, sigma_like, x0_hat
@@ -17,10 +18,14 @@ from .conditional import ConditionalMLP
 from .mlp import SigmaEmbedding, TimeMLP
 from .registry import load_model, model_from_config, model_to_config, register_model, save_model
 from .subspace import SubspaceNet
+from .transformer import SequenceTransformer
 from .unet import UNet
+from .unrolled import UnrolledScoreNet
 
 __all__ = ["PREDICTION_TYPES", "ConditionalMLP", "DigitClassifier", "EmpiricalDenoiser",
-           "GaussianDenoiser", "GaussianMixtureDenoiser", "NoiseConditionalClassifier",
-           "SigmaEmbedding", "SubspaceGaussianDenoiser", "SubspaceNet", "TimeMLP", "UNet",
-           "VPModel", "X0Model", "load_model", "model_from_config", "model_to_config", "register_model", "save_model",
+           "GaussianDenoiser", "GaussianMixtureDenoiser", "KroneckerGaussianDenoiser",
+           "NoiseConditionalClassifier", "SequenceTransformer", "SigmaEmbedding",
+           "SubspaceGaussianDenoiser", "SubspaceNet", "TimeMLP", "UNet", "UnrolledScoreNet",
+           "VPModel", "X0Model", "load_model", "model_from_config", "model_to_config",
+           "register_model", "save_model",
            "sigma_like", "train_classifier", "x0_hat"]

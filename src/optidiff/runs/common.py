@@ -20,7 +20,7 @@ from ..tasks.base import SubspaceNetSpec
 from .rundir import RunDir, RunError
 
 __all__ = ["build_network", "build_plugin_network", "build_task", "check_resume",
-           "config_plugins", "draw", "plugin"]
+           "config_plugins", "draw", "plugin", "save_task_figures"]
 
 
 def build_task(cfg: Any, source: str) -> Any:
@@ -94,6 +94,19 @@ def build_network(model_cfg: Any, kind: str, task: Any, seed: int, **defaults: A
                 raise ConfigError(f"model.kind = 'unet' needs image data (C, H, W); task "
                                   f"{task.name!r} has samples of shape {shape}")
             return models.UNet(image_size=list(shape[1:]), in_channels=shape[0], **params)
+        if kind in ("transformer", "unrolled"):
+            seq = getattr(task, "sequence_shape", None)
+            if seq is None:
+                raise ConfigError(f"model.kind = {kind!r} needs sequence data; task {task.name!r} "
+                                  "has no sequence_shape (use kind = 'timemlp')")
+            if kind == "unrolled":
+                params["steps"] = params.pop("unroll", 32)
+                return models.UnrolledScoreNet(*seq, **params)
+            if scale is not None:
+                params.setdefault("sigma_data", scale)
+            times = getattr(task, "times", None)
+            return models.SequenceTransformer(*seq, times=None if times is None
+                                              else [float(t) for t in times], **params)
         if len(shape) != 1:
             raise ConfigError(f"model.kind = {kind!r} needs vector data (D,); task {task.name!r} "
                               f"has samples of shape {shape} (use kind = 'unet')")
@@ -131,3 +144,12 @@ def draw(model: Any, sigmas: Tensor, s: dict[str, Any], *, x_init: Tensor | None
                   precision=s.get("precision") or "fp32",
                   generator=torch.Generator(device).manual_seed(s["seed"]),
                   progress=progress).cpu()
+
+
+def save_task_figures(run: RunDir, task: Any, x: Tensor, model: Any = None) -> None:
+    """Save the figures of the task's optional ``figures(x, model)`` hook as ``plots/NAME.png``."""
+    hook = getattr(task, "figures", None)
+    if hook is None:
+        return
+    for name, fig in hook(x, model).items():
+        run.save_figure(fig, name)

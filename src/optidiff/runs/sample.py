@@ -20,7 +20,7 @@ from ..plugins import search_path
 from ..report import scatter_figure
 from ..sampling import resolve_sampler
 from ..schedules import Schedule
-from .common import build_task, draw
+from .common import build_task, draw, save_task_figures
 from .rundir import RunDir, RunError
 
 __all__ = ["sample_command"]
@@ -82,4 +82,6 @@ def sample_command(checkpoint: str | Path, run_dir: str | Path | None = None, *,
         path = run.save_samples(f"{sampler}-{steps}", x)
         if x.ndim == 2 and x.shape[1] == 2:
             run.save_figure(scatter_figure({f"{sampler}, {steps} steps": x}), "samples")
+        if task is not None:
+            save_task_figures(run, task, x, model)
         return {**record, "samples": path, "run_dir": run.path, "report": run.write_report()}

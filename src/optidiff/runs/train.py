@@ -3,8 +3,9 @@
 Writes into the run directory: ``run.json``, ``config.toml`` (the file as given), ``checkpoint/``
 (model, EMA, optimizer, generators, σ table: :func:`optidiff.train`'s exact-resume checkpoint),
 ``metrics.jsonl`` (training losses, then one ``sample`` record with the task's metrics),
-``samples/<sampler>-<steps>.safetensors``, ``plots/`` (loss; samples and data for 2-D tasks) and
-``report.html``.
+``samples/<sampler>-<steps>.safetensors``, ``plots/`` (loss; samples and data for 2-D tasks; the
+task's own figures when it has a ``figures`` hook, e.g. the ``gp`` task's sample paths,
+autocovariance and attention maps) and ``report.html``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from .common import (
     config_plugins,
     draw,
     plugin,
+    save_task_figures,
 )
 from .rundir import RunDir, RunError
 
@@ -39,7 +41,7 @@ __all__ = ["MODEL_DEFAULTS", "SAMPLER_DEFAULTS", "TRAIN_DEFAULTS", "train_comman
 
 #: what a train config's unset keys mean
 MODEL_DEFAULTS = {"timemlp": {"hidden": 128, "depth": 3, "emb_dim": 64}, "unet": {},
-                  "conditional_mlp": {}, "subspace_net": {}}
+                  "conditional_mlp": {}, "subspace_net": {}, "transformer": {}, "unrolled": {}}
 TRAIN_DEFAULTS = {"steps": 5000, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.0,
                   "ema_decay": 0.999, "grad_clip": 1.0, "seed": 0, "checkpoint_every": None,
                   "log_every": 100}
@@ -124,6 +126,8 @@ def train_command(config: str | Path, run_dir: str | Path | None = None, *,
         panels = {} if task is None else {f"data ({task.name})": task.data(len(x))}
         run.save_figure(scatter_figure({**panels, f"{s['name']}, {s['steps']} steps": x}),
                         "samples")
+    if task is not None:
+        save_task_figures(run, task, x, model)
     report = run.write_report()
     return {**record, "run_dir": run.path, "checkpoint": run.path / "checkpoint",
             "report": report}

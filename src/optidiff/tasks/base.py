@@ -7,7 +7,8 @@ in its registry):
 - :class:`Task` (generative optimization and training): ``name``, ``input_shape``, the names of its
   ``objectives``, pre-training ``data(n)``, a counted ``objective(name)``, per-batch ``metrics(x)``,
   closed-form ``reference(objective, ...)`` values, and ``projection(objective, x)``, the 2-D view
-  of samples that the reports plot;
+  of samples that the reports plot; optionally ``figures(x, model) -> {name: Figure}``, the
+  task's own report figures, which ``optidiff train`` and ``optidiff sample`` save;
 - :class:`OfflineTask` (offline reward maximization): ``offline_data()`` (unlabeled designs and
   labeled pairs) and ``evaluate(x, target)``, the oracle's metrics of candidates.
 

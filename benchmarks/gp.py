@@ -1,0 +1,291 @@
+"""Gaussian-process sequences: transformer, unrolled descent and a flat MLP against N and n.
+
+The claim (Wang & Chen's tutorial, section on sequence data; theory in Fu, Dou, Guo, Wang & Chen,
+"Diffusion transformer captures spatial-temporal dependencies: a theory for Gaussian process
+data", ICLR 2025): a diffusion model whose score network is a transformer learns GP sequences with
+a score error of order √(N·D³/n) up to the dependency decay: a weak dependence on the length N.
+The stacked law N(μ, Γ⊗Λ) is known exactly, so every error is measured against the truth
+(:mod:`optidiff.tasks.gp`).
+
+Protocol (equal steps, equal sequences per step, never equal seconds): for each kernel (OU /
+Matérn-½ and squared-exponential, length scale 4, D = 2, Λ = [[1, .6], [.6, 1]]), each length N
+and training-set size n, three ε-networks are trained by DSM for the same number of steps with the
+same batch: :class:`~optidiff.models.SequenceTransformer` (width 32, 2 blocks, 2 heads),
+:class:`~optidiff.models.UnrolledScoreNet` (K = 32 heavy-ball steps, banded Toeplitz Γ of
+bandwidth 16; lr 1e-2 for its ~100 parameters) and :class:`~optidiff.models.TimeMLP` (width 256,
+depth 3) on the flat vector. Measured: the excess-DSM score error against the exact ε* (mean over
+8 log-spaced σ ∈ [0.01, 10]), and on 2,000 DPM-Solver++(2M) samples (20 steps, final σ = 0) the
+relative W2² and the autocovariance error, each next to two floors: 2,000 exact draws
+(Monte-Carlo floor) and the exact denoiser through the same sampler with the same noise (the
+sampler's floor). Guidance: :class:`~optidiff.guidance.LookAhead` toward a target of the mean of
+the last 4 tokens, exact model (against the closed-form Gaussian conditional) and the trained
+networks, at one N.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from benchmarks.common import finish, markdown_table, parser, set_threads
+
+import optidiff as od
+from optidiff import rng
+from optidiff.guidance import LookAhead
+from optidiff.metrics import sample_w2_to_gaussian
+from optidiff.models import SequenceTransformer, TimeMLP, UnrolledScoreNet
+from optidiff.tasks.gp import GPTask, attention_profile, gaussian_conditional, smoother_profile
+
+NAME = "gp"
+MODELS = ("transformer", "unrolled", "mlp")
+SCHEDULE = od.LogLinearSchedule(0.005, 20.0, 1000)
+SCORE_SIGMAS = torch.logspace(-2, 1, 8, dtype=torch.float64)
+#: the claims the full run reproduces and asserts (the others are reported, see BENCHMARKS.md)
+ASSERTED = ("sampler_floor", "guidance_exact")
+
+
+def build(kind: str, task: GPTask, seed: int) -> torch.nn.Module:
+    N, D = task.sequence_shape
+    with rng.seeded(seed):
+        if kind == "transformer":
+            return SequenceTransformer(N, D, times=task.times.tolist(), width=32, depth=2, heads=2,
+                                       sigma_data=task.data_scale)
+        if kind == "unrolled":
+            return UnrolledScoreNet(N, D, steps=32, bandwidth=16)
+        return TimeMLP(N * D, hidden=256, depth=3, sigma_data=task.data_scale)
+
+
+def draw(model, n: int, seed: int, guidance=None) -> torch.Tensor:
+    return od.sample(model, SCHEDULE.sample_sigmas(20, final_zero=True), batch_size=n,
+                     sampler="dpmpp_2m", guidance=guidance,
+                     generator=torch.Generator().manual_seed(seed))
+
+
+def evaluate(task: GPTask, model, n_samples: int) -> dict:
+    se = task.score_error(model, SCORE_SIGMAS, n=512)
+    x = draw(model, n_samples, 1)
+    return {"score_err": se.mean().item(), **task.metrics(x)}
+
+
+def guidance_rows(task: GPTask, models: dict, n_samples: int, target: float = 1.0,
+                  noise_std: float = 0.1) -> list[dict]:
+    """Look-ahead guidance toward mean(last 4 tokens) = target: each model's guided samples
+    against the exact conditional law (W2²/tr Σ, and the mean and std of the window mean)."""
+    g = task.window_mean(task.length - 4, task.length)
+    mc, cc = gaussian_conditional(task.mean, task.cov, g, torch.tensor([target]), noise_std)
+    rows = []
+    for name, model in {"exact": task.exact_model(), **models}.items():
+        x = draw(model, n_samples, 2, LookAhead(g.float(), target, noise_std=noise_std)).double()
+        w = x @ g
+        rows.append({"model": name, "samples": len(x), "window mean": w.mean().item(),
+                     "exact conditional": (g @ mc).item(), "window std": w.std().item(),
+                     "exact std": (g @ cc @ g).sqrt().item(),
+                     "w2_rel to conditional": (sample_w2_to_gaussian(x, mc, cc)
+                                               / cc.trace()).item()})
+    return rows
+
+
+def run(quick: bool = False, threads: int | None = 1, steps: int | None = None,
+        lengths: tuple[int, ...] | None = None, plots: Path | None = None) -> dict:
+    set_threads(threads)
+    steps = steps or (10 if quick else 800)
+    lengths = lengths or ((4, 8) if quick else (16, 32, 64, 128))
+    sizes = (128, 512) if quick else (2048, 16384)
+    n_samples = 100 if quick else 2000
+    cells = [("ou", n) for n in sizes] + [("se", sizes[-1])]
+    rows, trained, t_start = [], {}, time.perf_counter()
+    for kern, n in cells:
+        for N in lengths:
+            task = GPTask(length=N, kernel=kern, n=n)
+            draws = task.metrics(task.reference_draws(n_samples))
+            exact = task.metrics(draw(task.exact_model(), n_samples, 1))
+            for kind in MODELS:
+                model = build(kind, task, 0)
+                t0 = time.perf_counter()
+                res = od.train(model, task.data(), steps=steps, batch_size=128,
+                               lr=1e-2 if kind == "unrolled" else 2e-3, schedule=SCHEDULE,
+                               ema_decay=0.99, seed=0, progress=False)
+                seconds = time.perf_counter() - t0
+                ema = res.ema.eval()
+                trained[(kern, n, N, kind)] = ema
+                rows.append({"kernel": kern, "n": n, "N": N, "model": kind,
+                             "params": sum(p.numel() for p in model.parameters()),
+                             "steps": steps, "train_s": seconds, **evaluate(task, ema, n_samples),
+                             "w2_floor_draws": draws["w2_rel"], "w2_floor_sampler": exact["w2_rel"],
+                             "autocov_floor_sampler": exact["autocov_error"]})
+                print({k: (round(v, 5) if isinstance(v, float) else v)
+                       for k, v in rows[-1].items()}, flush=True)
+    big = sizes[-1]
+    gN = lengths[1]
+    gtask = GPTask(length=gN, kernel="ou", n=big)
+    guided = guidance_rows(gtask, {k: trained[("ou", big, gN, k)] for k in MODELS},
+                           n_samples // 2)
+    claims = _claims(rows, guided, lengths, sizes)
+    unrolled = trained[("ou", big, lengths[-1], "unrolled")]
+    result = {"steps": steps, "lengths": list(lengths), "sizes": list(sizes), "rows": rows,
+              "guidance": guided, "claims": claims, "seconds": time.perf_counter() - t_start,
+              "learned_kernel": _learned_kernel(unrolled, GPTask(length=lengths[-1], n=big))}
+    if plots is not None:
+        big_task = GPTask(length=lengths[-1], kernel="ou", n=big)
+        result["plots"] = [str(_error_plot(rows, lengths, sizes, plots / "gp_error.png")),
+                           str(_attention_plot(big_task, trained[("ou", big, lengths[-1],
+                                                                  "transformer")],
+                                               plots / "gp_attention.png"))]
+    result["markdown"] = _markdown(result)
+    return result
+
+
+def check_claims(result: dict) -> None:
+    """Assert the claims of :data:`ASSERTED` (after the results are written)."""
+    failed = [c["claim"] for c in result["claims"] if c["id"] in ASSERTED and not c["holds"]]
+    assert not failed, f"claims that no longer hold: {failed}"
+
+
+def _learned_kernel(net: UnrolledScoreNet, task: GPTask) -> list[dict]:
+    """The unrolled network's learned Γ⊗Λ against the truth, lag by lag: only the product
+    g_k·Λ is identifiable, so g_k·Λ_00 and g_k·Λ_01 are compared."""
+    g, lam = net.kernel().detach().double(), net.spatial().detach().double()
+    true = task.kernel_values()
+    return [{"lag": k, "learned g·Λ00": (g[k] * lam[0, 0]).item(),
+             "true g·Λ00": (true[k] * task.lam[0, 0]).item(),
+             "learned g·Λ01": (g[k] * lam[0, 1]).item(),
+             "true g·Λ01": (true[k] * task.lam[0, 1]).item()}
+            for k in (0, 1, 2, 4, 8, 16) if k < len(g)]
+
+
+def _get(rows, **kw) -> dict:
+    return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
+
+
+def _claims(rows, guided, lengths, sizes) -> list[dict]:
+    lo, hi, big, small = lengths[0], lengths[-1], sizes[-1], sizes[0]
+    out = []
+
+    def growth(model, kern="ou"):
+        return (_get(rows, kernel=kern, n=big, N=hi, model=model)["score_err"]
+                / _get(rows, kernel=kern, n=big, N=lo, model=model)["score_err"])
+
+    for kern in ("ou", "se"):
+        g = {m: growth(m, kern) for m in MODELS}
+        out.append({"id": f"slow_growth_{kern}", "claim": f"{kern}: score error grows less from "
+                    f"N={lo} to N={hi} for transformer and unrolled than for the MLP",
+                    "measured": ", ".join(f"{m} ×{v:.2f}" for m, v in g.items()),
+                    "holds": g["transformer"] < g["mlp"] and g["unrolled"] < g["mlp"]})
+    t = _get(rows, kernel="ou", n=big, N=hi, model="transformer")
+    out.append({"id": "goal_w2", "claim": f"goal: transformer W2² at N={hi} within 5× its "
+                "sampler floor", "measured": f"{t['w2_rel']:.4f} vs floor "
+                f"{t['w2_floor_sampler']:.4f}", "holds": t["w2_rel"] <= 5 * t["w2_floor_sampler"]})
+    out.append({"id": "goal_score", "claim": f"goal: transformer score error at N={hi} within 2× "
+                f"of N={lo}", "measured": f"×{growth('transformer'):.2f}",
+                "holds": growth("transformer") <= 2})
+    for m in MODELS:
+        e = [(_get(rows, kernel="ou", n=small, N=N, model=m)["score_err"],
+              _get(rows, kernel="ou", n=big, N=N, model=m)["score_err"]) for N in lengths]
+        falls = sum(b < a for a, b in e)
+        out.append({"id": f"falls_with_n_{m}", "claim": f"{m}: score error falls from n={small} "
+                    f"to n={big} (at every N)", "measured": f"{falls}/{len(e)} lengths; ratios "
+                    + ", ".join(f"{b / a:.2f}" for a, b in e), "holds": falls == len(e)})
+    floor = [r["w2_floor_sampler"] / r["w2_floor_draws"] for r in rows]
+    out.append({"id": "sampler_floor", "claim": "the exact denoiser through DPM-Solver++(2M), 20 "
+                "steps, is within 3× the exact-draw W2² floor", "measured":
+                f"max ratio {max(floor):.2f}", "holds": max(floor) <= 3})
+    ex = guided[0]
+    n = ex["samples"]
+    err = abs(ex["window mean"] - ex["exact conditional"])
+    out.append({"id": "guidance_exact", "claim": "look-ahead guidance on the exact model hits the "
+                "Gaussian conditional's window mean (within 3 std errors + 0.01)",
+                "measured": f"{ex['window mean']:.4f} vs {ex['exact conditional']:.4f}",
+                "holds": err <= 0.01 + 3 * max(ex["exact std"], 1e-3) / math.sqrt(n)})
+    return out
+
+
+def _error_plot(rows, lengths, sizes, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    a1, a2 = fig.subplots(1, 2)
+    big = sizes[-1]
+    for kern, ls in (("ou", "-"), ("se", ":")):
+        for m in MODELS:
+            y = [math.sqrt(_get(rows, kernel=kern, n=big, N=N, model=m)["score_err"] * N * 2)
+                 for N in lengths]
+            a1.loglog(lengths, y, ls, marker="o", label=f"{m} ({kern})")
+    y0 = math.sqrt(_get(rows, kernel="ou", n=big, N=lengths[0], model="transformer")["score_err"]
+                   * lengths[0] * 2)
+    a1.loglog(lengths, [y0 * math.sqrt(N / lengths[0]) for N in lengths], "k--", lw=1,
+              label="√(N/n) slope")
+    a1.set(xlabel="length N", ylabel="RMS score error ‖ε̂ − ε*‖", title=f"against N (n = {big})")
+    a1.legend(fontsize=7)
+    for m in MODELS:
+        for N in lengths:
+            y = [math.sqrt(_get(rows, kernel="ou", n=n, N=N, model=m)["score_err"] * N * 2)
+                 for n in sizes]
+            a2.loglog(sizes, y, marker="o", label=f"{m}, N={N}")
+    a2.loglog(sizes, [y[0] * math.sqrt(sizes[0] / n) for n in sizes], "k--", lw=1,
+              label="√(N/n) slope")
+    a2.set(xlabel="training sequences n", title="against n (OU)")
+    a2.legend(fontsize=6, ncol=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def _attention_plot(task: GPTask, model, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8))
+    a1, a2 = fig.subplots(1, 2)
+    lags = list(range(task.length))
+    for s in (0.1, 0.5, 2.0):
+        a1.semilogy(lags, attention_profile(task, model, s, layer=1).clamp(min=1e-6), label=f"σ={s}")
+        a2.semilogy(lags, smoother_profile(task, s).clamp(min=1e-6), label=f"σ={s}")
+    g = task.kernel_values()
+    for ax in (a1, a2):
+        ax.semilogy(lags, g / g.sum() * 2, "k--", lw=1, label="kernel g (scaled)")
+        ax.set(xlabel="|i − j|")
+        ax.legend(fontsize=7)
+    a1.set(title=f"layer-2 attention, N={task.length} (mean weight)")
+    a2.set(title="smoother Γ(Γ+σ²I)⁻¹ (rows sum 1)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return path
+
+
+def _markdown(result: dict) -> str:
+    cols = ["kernel", "n", "N", "model", "params", "steps", "train_s", "score_err", "w2_rel",
+            "w2_floor_draws", "w2_floor_sampler", "autocov_error", "autocov_floor_sampler"]
+    md = [(f"{result['steps']} training steps per model (batch 128 sequences), seconds measured "
+           f"on a shared, contended machine (total {result['seconds']:.0f} s)."), "",
+          markdown_table(result["rows"], cols, digits=3), "",
+          (f"Look-ahead guidance toward mean(last 4 tokens) = 1 (σ_y = 0.1), N = "
+           f"{result['lengths'][1]}:"), "", markdown_table(result["guidance"], digits=3), "",
+          "Claims:", "", markdown_table(result["claims"], ["claim", "measured", "holds"]), "",
+          (f"The unrolled network's learned operator (N = {result['lengths'][-1]}, OU) against "
+           "the true Γ⊗Λ:"), "", markdown_table(result["learned_kernel"], digits=3), ""]
+    for p in result.get("plots", []):
+        md.append(f"![{Path(p).stem}](benchmarks/results/{Path(p).name})")
+    return "\n".join(md)
+
+
+def main(argv=None) -> dict:
+    p = parser(NAME, __doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--clock", default="wall", help="accepted for `optidiff bench all`; unused")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
+    args = p.parse_args(argv)
+    write = not (args.no_write or (args.quick and not args.write))
+    result = run(quick=args.quick, threads=args.threads, steps=args.steps,
+                 plots=args.results_dir if write else None)
+    finish(NAME, result, args)
+    if not args.quick:
+        check_claims(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
