@@ -39,7 +39,13 @@ from ..schedules import (
     trailing_indices,
     vp_scale,
 )
-from .base import VPModel, check_prediction_type, sigma_like, vp_output_to_eps
+from .base import (
+    VPModel,
+    check_prediction_type,
+    nearest_timestep,
+    sigma_like,
+    vp_output_to_eps,
+)
 
 __all__ = [
     "DiffusersNet",
@@ -151,7 +157,7 @@ class GradientEstimationSchedulerOutput(BaseOutput):
 
 _BETA_SCHEDULES = {"linear": DDPMSchedule, "scaled_linear": LDMSchedule,
                    "squaredcos_cap_v2": CosineSchedule, "sigmoid": SigmoidSchedule}
-_SPACINGS = ("trailing", "leading", "linspace")
+_SPACINGS = ("trailing", "leading", "linspace", "log_linear")
 
 
 class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
@@ -196,7 +202,8 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
         gamma: γ > 0 (2 is GE, 1 is DDIM/DDPM).
         mu: μ in [0, 1) (0 deterministic, ½ DDPM).
         set_alpha_to_one: end at σ = 0 (ᾱ = 1) instead of σ_min.
-        timestep_spacing: ``trailing`` (default; Lin et al. 2023), ``leading`` or ``linspace``.
+        timestep_spacing: ``trailing`` (default; Lin et al. 2023), ``leading``, ``linspace`` or
+            ``log_linear`` (the authors' grid, see :meth:`set_timesteps`).
         steps_offset: added to ``leading`` timesteps, as diffusers.
     """
 
@@ -231,6 +238,8 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas: Tensor | None = None  # set by set_timesteps
         self._eps_prev: Tensor | None = None
         self._prev_index: int | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -239,29 +248,110 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
         """The identity: the network takes VP latents as they are."""
         return sample
 
-    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None):
-        """Choose ``num_inference_steps`` timesteps (``timestep_spacing``) and reset the ε history.
+    @property
+    def step_index(self) -> int | None:
+        """Index in ``timesteps`` of the next step (None before the first step), as diffusers'
+        schedulers."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """The first index of a partial schedule, set by :meth:`set_begin_index`."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start part-way (img2img/inpainting ``strength``: the pipelines call it with
+        ``t_start·order`` and loop over ``timesteps[t_start·order:]``). :meth:`step` finds each
+        timestep's index by value, so this only records the start; the ε history starts empty
+        there."""
+        n = len(self.timesteps)
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or not 0 <= begin_index < n:
+            raise ValueError(f"begin_index must be an int in [0, {n}), got {begin_index!r}")
+        self._begin_index = begin_index
+
+    def set_timesteps(self, num_inference_steps: int | None = None,
+                      device: str | torch.device | None = None, timesteps: Any = None,
+                      sigmas: Any = None) -> None:
+        """Choose the timesteps and reset the ε history (give exactly one of the three).
+
+        Args:
+            num_inference_steps: N steps spaced by ``timestep_spacing``.
+            device: where ``timesteps`` live.
+            timesteps: custom decreasing training indices (N of them), as ``DDPMScheduler``.
+            sigmas: custom decreasing VE σ's, N + 1 of them (the last is the final σ, may be 0),
+                as ``EulerDiscreteScheduler``; each of the first N runs the network at the training
+                timestep nearest in log σ (as :func:`from_diffusers`), the step uses the σ's as
+                given.
 
         Sets ``timesteps`` (decreasing training indices) and ``sigmas`` (their VE σ's, float64,
         plus the final σ: one more entry than ``timesteps``). When the last timestep is 0
         (``leading``/``linspace`` spacing, or as many steps as training timesteps) and
         ``set_alpha_to_one`` is False, the final σ repeats σ_min and the last step is a no-op, as
         in ``DDIMScheduler``; drop it (``sigmas[:-1]``) before handing the grid to ``od.sample``.
+
+        ``log_linear`` is the default grid of the authors' ``GEScheduler`` (style ``"Linear"``,
+        Permenter & Yuan, ICML 2024, §4 recommend σ log-linear): target σ's
+        ``exp(linspace(log σ_max, log σ(⌊T/N⌋), N))`` from the largest training σ down to the σ of
+        timestep ⌊T/N⌋, each rounded up to a training timestep (the smallest t with σ(t) ≥ target,
+        ``searchsorted`` as theirs), then a last step to σ(0) (``set_alpha_to_one=False``, as
+        theirs) or 0. Their ``step`` returns VE samples x (latent·(1/√ᾱ)), this scheduler VP
+        latents z = √ᾱ·x: with γ = 2, μ = 0, ``prediction_type="epsilon"`` and their
+        ``clip_sample=False``, their final sample at σ(0) is this one times √(1 + σ(0)²) (1.0004
+        for Stable Diffusion's σ(0) ≈ 0.029).
         """
-        n, steps = self.config.num_train_timesteps, num_inference_steps
-        if not isinstance(steps, int) or not 1 <= steps <= n:
-            raise ValueError(f"num_inference_steps must be an int in [1, {n}], got {steps!r}")
-        spacing = self.config.timestep_spacing
-        if spacing == "trailing":
-            idx = trailing_indices(n, steps)
-        elif spacing == "leading":
-            idx = [k * (n // steps) + self.config.steps_offset for k in reversed(range(steps))]
+        n = self.config.num_train_timesteps
+        given = [k for k, v in (("num_inference_steps", num_inference_steps),
+                                ("timesteps", timesteps), ("sigmas", sigmas)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of num_inference_steps, timesteps or sigmas, got "
+                             f"{given or 'none'}")
+        if sigmas is not None:
+            sig = self._check_sigmas(sigmas)
+            idx = nearest_timestep(self.train_sigmas.log(), sig[:-1]).tolist()
+        elif timesteps is not None:
+            idx = torch.as_tensor(timesteps).cpu().reshape(-1).tolist()
+            if not idx or any(int(t) != t or not 0 <= t < n for t in idx):
+                raise ValueError(f"timesteps must be training indices in [0, {n}), got {idx}")
+            idx = [int(t) for t in idx]
         else:
-            idx = torch.linspace(0, n - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
-        self.num_inference_steps = steps
+            idx = self._spaced(num_inference_steps)
+        if any(a <= b for a, b in zip(idx, idx[1:])):
+            raise ValueError(f"the timesteps must be strictly decreasing, got {idx}" + (
+                " (two σ's map to one training timestep)" if sigmas is not None else
+                " (log_linear spacing rounds two σ's to one training timestep: use fewer steps)"
+                if timesteps is None else ""))
+        if sigmas is None:
+            sig = torch.cat([self.train_sigmas[idx], self.final_sigma[None]])
+        self.num_inference_steps = len(idx)
         self.timesteps = torch.tensor(idx, dtype=torch.long, device=device)
-        self.sigmas = torch.cat([self.train_sigmas[idx], self.final_sigma[None]])
+        self.sigmas = sig
         self._eps_prev, self._prev_index = None, None
+        self._step_index, self._begin_index = None, None
+
+    def _spaced(self, steps: Any) -> list[int]:
+        n, spacing = self.config.num_train_timesteps, self.config.timestep_spacing
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
+            raise ValueError(f"num_inference_steps must be an int in [1, {n}], got {steps!r}")
+        if spacing == "trailing":
+            return trailing_indices(n, steps)
+        if spacing == "leading":
+            return [k * (n // steps) + self.config.steps_offset for k in reversed(range(steps))]
+        if spacing == "linspace":
+            return torch.linspace(0, n - 1, steps, dtype=torch.float64).round().long().flip(0).tolist()
+        ts = self.train_sigmas  # log_linear
+        end = min(n // steps, n - 1)
+        target = torch.linspace(ts[-1].log(), ts[end].log(), steps, dtype=torch.float64).exp()
+        idx = torch.searchsorted(ts, target).clamp(max=n - 1)
+        idx[0], idx[-1] = n - 1, end  # the end points exactly, whatever the rounding of exp∘log
+        return idx.tolist()
+
+    def _check_sigmas(self, sigmas: Any) -> Tensor:
+        sig = torch.as_tensor(sigmas, dtype=torch.float64).cpu().reshape(-1)
+        if (len(sig) < 2 or not torch.isfinite(sig).all() or (sig[:-1] <= 0).any()
+                or sig[-1] < 0 or (sig[1:] >= sig[:-1]).any()):
+            raise ValueError("sigmas must be N + 1 >= 2 finite, strictly decreasing VE σ's, "
+                             f"positive but the last (>= 0), got {sig.tolist()}")
+        return sig
 
     def _index(self, timestep: Any) -> int:
         hits = (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero()
@@ -296,15 +386,25 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
                  if self.config.mu > 0 else None)
         x_next = gamma_mu_step(x, sig.item(), sig_next.item(), eps, eps_prev, self.config.gamma,
                                self.config.mu, noise)
-        self._eps_prev, self._prev_index = eps, i
+        self._eps_prev, self._prev_index, self._step_index = eps, i, i + 1
         prev_sample, x0_hat = x_next * vp_scale(sig_next), x - sig * eps
         if not return_dict:
             return prev_sample, x0_hat
         return GradientEstimationSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0_hat)
 
-    def _sigma_at(self, timesteps: Tensor, like: Tensor) -> Tensor:
-        t = torch.as_tensor(timesteps).cpu().long()
-        return sigma_like(self.train_sigmas[t].to(device=like.device, dtype=like.dtype), like)
+    def _sigma_at(self, timesteps: Any, like: Tensor) -> Tensor:
+        """σ of one timestep for the whole batch (0-d, or shape (1,), as the inpainting pipeline
+        passes) or of one per sample, as diffusers' schedulers broadcast."""
+        t = torch.as_tensor(timesteps).detach().cpu().reshape(-1)
+        n = self.config.num_train_timesteps
+        if t.numel() not in (1, len(like)):
+            raise ValueError(f"timesteps must be one timestep or one per sample ({len(like)}), got "
+                             f"shape {tuple(torch.as_tensor(timesteps).shape)}")
+        if t.is_floating_point() and (t != t.round()).any() or (t < 0).any() or (t >= n).any():
+            raise ValueError(f"timesteps must be training indices in [0, {n}), got {t.tolist()}")
+        t = t.long()
+        sig = self.train_sigmas[t[0] if t.numel() == 1 else t]
+        return sigma_like(sig.to(device=like.device, dtype=like.dtype), like)
 
     def add_noise(self, original_samples: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The VP forward process z_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε, written as √ᾱ_t·(x0 + σ_t·ε)."""
