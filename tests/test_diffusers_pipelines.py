@@ -1,0 +1,179 @@
+"""GradientEstimationScheduler inside diffusers' Stable Diffusion pipelines (text-to-image,
+image-to-image, inpainting), and guidance through the VAE decoder of such a pipeline.
+
+Every component is tiny and randomly initialised here (UNet2DConditionModel, AutoencoderKL, a CLIP
+text model and a tokenizer written from a 50-token vocabulary to tmp_path): nothing is downloaded.
+Latents are 4×8×8, images 3×16×16.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import optidiff as od
+from optidiff.models.diffusers import GradientEstimationScheduler, from_diffusers
+from optidiff.schedules import vp_scale
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+PROMPT = "a red cat"
+#: Stable Diffusion's scheduler config (scaled-linear β, leading spacing with offset 1), no clipping
+SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                 steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False,
+                 clip_sample=False)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _tokenizer(tmp):
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (tmp / "vocab.json").write_text(json.dumps(vocab))
+    (tmp / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"),
+                                      model_max_length=8)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory):
+    tok = _tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8, intermediate_size=16,
+        num_attention_heads=2, num_hidden_layers=1, vocab_size=len(tok.get_vocab()),
+        max_position_embeddings=8)).eval()
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, sample_size=16).eval()
+    return dict(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+
+
+def _pipe(cls, components, scheduler):
+    pipe = cls(**components, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, **kwargs):
+    """The pipeline's final latents (output_type="latent"), seed 0, 2 images of 16×16."""
+    kwargs = {"num_inference_steps": 4, "num_images_per_prompt": 2, "guidance_scale": 3.0,
+              **kwargs}
+    return pipe(PROMPT, generator=_gen(0), output_type="latent", **kwargs).images
+
+
+def _close(a, b, rtol=2e-5):
+    scale = b.abs().max().item()
+    err = (a - b).abs().max().item()
+    assert err <= rtol * max(scale, 1.0), f"max error {err:.3g} for values of size {scale:.3g}"
+
+
+def _image(seed: int, n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, 16, 16, generator=_gen(seed))
+
+
+# ------------------------------------------------------------------------------ item 5: pipelines
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_gamma1_equals_ddim_in_text_to_image(components, spacing):
+    ddim = diffusers.DDIMScheduler(**{**SD_CONFIG, "timestep_spacing": spacing})
+    ref = _run(_pipe(diffusers.StableDiffusionPipeline, components, ddim))
+    ge = GradientEstimationScheduler.from_config(ddim.config, gamma=1.0)
+    pipe = _pipe(diffusers.StableDiffusionPipeline, components, ge)
+    _close(_run(pipe), ref)
+    assert ref.shape == (2, 4, 8, 8) and ref.std() > 0.1
+    # and images: the decoded output of both is the same picture
+    images = pipe(PROMPT, generator=_gen(0), num_inference_steps=4, output_type="pt").images
+    assert images.shape == (1, 3, 16, 16)
+    # γ = 2 (the paper's sampler) is another sampler: different latents
+    pipe.scheduler = GradientEstimationScheduler.from_config(ddim.config)
+    assert (_run(pipe) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+def test_gamma1_equals_ddim_in_image_to_image(components, strength):
+    # img2img: add_noise(latents, noise, timesteps[:1].repeat(B)), then timesteps[t_start:] with
+    # set_begin_index(t_start) where the scheduler has it
+    ddim = diffusers.DDIMScheduler(**SD_CONFIG)
+    kwargs = dict(image=_image(1), strength=strength, num_images_per_prompt=1,
+                  prompt=[PROMPT] * 2)
+    ref = _pipe(diffusers.StableDiffusionImg2ImgPipeline, components, ddim)(
+        generator=_gen(0), output_type="latent", num_inference_steps=4, guidance_scale=3.0,
+        **kwargs).images
+    ge = GradientEstimationScheduler.from_config(ddim.config, gamma=1.0)
+    pipe = _pipe(diffusers.StableDiffusionImg2ImgPipeline, components, ge)
+    out = pipe(generator=_gen(0), output_type="latent", num_inference_steps=4, guidance_scale=3.0,
+               **kwargs).images
+    _close(out, ref)
+    start = 4 - int(4 * strength)
+    assert ge.begin_index == start and ge.step_index == 4
+    assert ge.timesteps.tolist() == ddim.timesteps.tolist()
+
+
+def test_gamma1_equals_ddim_in_inpainting(components):
+    # a 4-channel UNet: the inpainting pipeline blends re-noised image latents into the unmasked
+    # region after every step with add_noise(latents, noise, tensor([t])), one timestep for the batch
+    ddim = diffusers.DDIMScheduler(**SD_CONFIG)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, 4:12, 4:12] = 1.0
+    kwargs = dict(image=_image(2), mask_image=mask, num_images_per_prompt=1, prompt=[PROMPT] * 2,
+                  height=16, width=16, num_inference_steps=4, guidance_scale=3.0,
+                  output_type="latent")
+    for strength in (1.0, 0.5):
+        ref = _pipe(diffusers.StableDiffusionInpaintPipeline, components, ddim)(
+            generator=_gen(0), strength=strength, **kwargs).images
+        ge = GradientEstimationScheduler.from_config(ddim.config, gamma=1.0)
+        out = _pipe(diffusers.StableDiffusionInpaintPipeline, components, ge)(
+            generator=_gen(0), strength=strength, **kwargs).images
+        _close(out, ref)
+        assert ref.std() > 0.1
+
+
+def test_custom_timesteps_and_sigmas_in_a_pipeline(components):
+    unet, ge = components["unet"], GradientEstimationScheduler(**{
+        k: v for k, v in SD_CONFIG.items() if k != "clip_sample"})
+    pipe = _pipe(diffusers.StableDiffusionPipeline, components, ge)
+    spaced = _run(pipe)
+    ts, sig = ge.timesteps.tolist(), ge.sigmas.clone()
+    _close(_run(pipe, num_inference_steps=None, timesteps=ts), spaced, rtol=1e-6)
+    _close(_run(pipe, num_inference_steps=None, sigmas=sig.tolist()), spaced, rtol=1e-6)
+    # σ's off the training grid: the network runs at the nearest timestep, the step uses the
+    # σ's as given, which is what od.sample does with from_diffusers(unet, scheduler)
+    sigmas = torch.tensor([14.0, 5.0, 1.5, 0.4, 0.0], dtype=torch.float64)
+    out = _run(pipe, num_inference_steps=None, sigmas=sigmas.tolist(), guidance_scale=1.0)
+    assert ge.sigmas.tolist() == sigmas.tolist() and len(ge.timesteps) == 4
+    emb = pipe.encode_prompt(PROMPT, "cpu", 2, False)[0]
+    z = torch.randn(2, 4, 8, 8, generator=_gen(0))  # the pipeline's initial latents
+    x = od.sample(from_diffusers(unet, ge), sigmas.float(), x_init=z / vp_scale(sigmas[0].float()),
+                  sampler="ge", cond=emb)
+    _close(out, x, rtol=1e-4)  # final σ = 0: the VP latent is the VE sample
+
+
+def test_pipeline_save_and_load_keeps_the_scheduler(components, tmp_path):
+    ge = GradientEstimationScheduler.from_config(diffusers.DDIMScheduler(**SD_CONFIG).config,
+                                                 gamma=2.5, mu=0.2, timestep_spacing="log_linear")
+    pipe = _pipe(diffusers.StableDiffusionPipeline, components, ge)
+    pipe.save_pretrained(tmp_path)
+    loaded = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.scheduler, GradientEstimationScheduler)
+    public = [{k: v for k, v in c.items() if not k.startswith("_")}
+              for c in (loaded.scheduler.config, ge.config)]
+    assert public[0] == public[1] and public[0]["gamma"] == 2.5
+    _close(_run(loaded), _run(pipe), rtol=1e-6)
