@@ -17,7 +17,11 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import optidiff as od
-from optidiff.models.diffusers import GradientEstimationScheduler, from_diffusers
+from optidiff.models.diffusers import (
+    GradientEstimationScheduler,
+    from_diffusers,
+    from_latent_pipeline,
+)
 from optidiff.schedules import vp_scale
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -41,7 +45,7 @@ def _tokenizer(tmp):
     (tmp / "vocab.json").write_text(json.dumps(vocab))
     (tmp / "merges.txt").write_text("#version: 0.2\n")
     return transformers.CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"),
-                                      model_max_length=8)
+                                      model_max_length=16)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,7 @@ def components(tmp_path_factory):
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8, intermediate_size=16,
         num_attention_heads=2, num_hidden_layers=1, vocab_size=len(tok.get_vocab()),
-        max_position_embeddings=8)).eval()
+        max_position_embeddings=16)).eval()
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
         layers_per_block=1, norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2,
@@ -177,3 +181,131 @@ def test_pipeline_save_and_load_keeps_the_scheduler(components, tmp_path):
               for c in (loaded.scheduler.config, ge.config)]
     assert public[0] == public[1] and public[0]["gamma"] == 2.5
     _close(_run(loaded), _run(pipe), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ item 6: latents
+
+def _bright(images: torch.Tensor) -> torch.Tensor:
+    """Mean brightness of the top-left quarter of images in [0, 1]: a pixel-space reward."""
+    return images[:, :, :8, :8].mean((1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def sd(components):
+    return _pipe(diffusers.StableDiffusionPipeline, components,
+                 diffusers.DDIMScheduler(**{**SD_CONFIG, "timestep_spacing": "trailing"}))
+
+
+def test_latent_model_is_the_pipeline_with_classifier_free_guidance(sd):
+    # od.sample with DDIM on the adapter's model = the pipeline's own loop (DDIMScheduler, CFG
+    # batching, its text encoder): same initial latents, same final latents
+    ref = _run(sd)
+    ld = from_latent_pipeline(sd, PROMPT, guidance_scale=3.0)
+    sigmas = ld.sigmas(4)
+    assert ld.scheduler.timesteps.tolist() == sd.scheduler.timesteps.tolist()
+    z = torch.randn(2, 4, 8, 8, generator=_gen(0))
+    x = od.sample(ld.model, sigmas, x_init=z / vp_scale(sigmas[0]), sampler="ddim")
+    _close(x * vp_scale(sigmas[-1]), ref)
+    # the decoder is the pipeline's decoding (before its clamp to [0, 1])
+    images = sd(PROMPT, generator=_gen(0), num_inference_steps=4, num_images_per_prompt=2,
+                guidance_scale=3.0, output_type="pt").images
+    _close(ld.decode(ref).clamp(0, 1), images, rtol=1e-5)
+    # guidance_scale 1: the conditional model alone
+    plain = from_latent_pipeline(sd, PROMPT).model
+    emb = sd.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(z, torch.tensor(3.0)),
+                                   from_diffusers(sd.unet, sd.scheduler)(z, torch.tensor(3.0),
+                                                                         emb.expand(2, -1, -1)))
+
+
+def test_decoder_chunks_and_checkpointing(sd):
+    ld = from_latent_pipeline(sd, PROMPT)
+    z = torch.randn(3, 4, 8, 8, generator=_gen(3))
+    lean = from_latent_pipeline(sd, PROMPT, decoder_chunk_size=1, decoder_checkpoint=True).decoder
+
+    def grad_and_saved(decoder):
+        saved = []
+        zg = z.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = _bright(decoder(zg)).sum()
+        (g,) = torch.autograd.grad(loss, zg)
+        return g, sum(saved)
+
+    (g_full, mem_full), (g_lean, mem_lean) = grad_and_saved(ld.decoder), grad_and_saved(lean)
+    torch.testing.assert_close(g_lean, g_full, rtol=1e-5, atol=1e-8)
+    assert g_full.abs().max() > 0
+    # checkpointing keeps the chunk inputs for the backward pass, not the decoder's activations
+    assert mem_lean < 0.1 * mem_full, (mem_lean, mem_full)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(z), ld.decode(z), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        from_latent_pipeline(sd, PROMPT, decoder_chunk_size=0)
+
+
+def test_gradient_through_unet_and_decoder_matches_finite_differences(components):
+    # float64 copies: F(z) = f(decode(x0_hat(z))) with x0_hat(z) = z − σ·ε̂(z) (CFG w = 2)
+    import copy
+
+    comp = {k: (copy.deepcopy(v).double() if isinstance(v, torch.nn.Module) else v)
+            for k, v in components.items()}
+    pipe = _pipe(diffusers.StableDiffusionPipeline, comp, diffusers.DDIMScheduler(**SD_CONFIG))
+    ld = from_latent_pipeline(pipe, PROMPT, guidance_scale=2.0)
+    sigma = torch.tensor(1.5, dtype=torch.float64)
+    z = torch.randn(2, 4, 8, 8, generator=_gen(4), dtype=torch.float64)
+    reward = ld.reward(_bright)
+
+    def F(x):
+        return reward(x - sigma * ld.model(x, sigma))
+
+    zg = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F(zg).sum(), zg)
+    with torch.no_grad():
+        for seed in range(3):
+            v = torch.randn(z.shape, generator=_gen(10 + seed), dtype=torch.float64)
+            h = 1e-4
+            fd = (F(z + h * v) - F(z - h * v)) / (2 * h)
+            torch.testing.assert_close((grad * v).flatten(1).sum(1), fd, rtol=1e-6, atol=1e-10)
+    # the guidance terms take the same gradient: RewardGuidance's correction is s·∇F
+    from optidiff.guidance import DPS, RewardGuidance
+    G = RewardGuidance(reward, grad_through_model=True).eps_and_correction(ld.model, z, sigma)[1]
+    torch.testing.assert_close(G, grad)
+    # and DPS with the decoded measurement: G = −∇½‖y − A(decode(x0_hat))‖²
+    y = torch.full((1,), 0.9, dtype=torch.float64)  # a measurement of shape (m,) = (1,)
+    G = DPS(lambda x0: reward(x0)[:, None], y, normalize=False).eps_and_correction(
+        ld.model, z, sigma)[1]
+    with torch.no_grad():
+        r = y - F(z)
+    torch.testing.assert_close(G, grad * r.view(-1, 1, 1, 1))
+    # the decoded objective's gradient for Algorithm 1: J_decodeᵀ∇f
+    obj = ld.objective(_bright)
+    zg = z.clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad(_bright(ld.decode(zg)).sum(), zg)
+    torch.testing.assert_close(obj.grad(z), gz)
+    assert obj.grad_queries == 2 and obj.name == "_bright∘decode"
+    # a black-box image reward (gradient oracle on images) is chained through the decoder
+    oracle = od.optimize.Objective(_bright, grad=lambda im: torch.autograd.functional.vjp(
+        _bright, im, torch.ones(len(im), dtype=im.dtype))[1])
+    torch.testing.assert_close(ld.objective(oracle).grad(z), gz)
+
+
+def _alg1(ld, guidance):
+    return od.optimize.gradient_guided(
+        ld.model, ld.objective(_bright), ld.sigmas(4), rounds=3, batch_size=4, increment=0.02,
+        noise_std=1e-3, guidance=guidance, sampler="ddim", seed=0, progress=False)
+
+
+def test_algorithm1_raises_a_decoded_reward(sd):
+    # Algorithm 1 with look-ahead guidance toward the brightness of the decoded images; the
+    # control runs the same loop and seeds unguided (the same initial noise every round)
+    ld = from_latent_pipeline(sd, PROMPT, guidance_scale=3.0)
+    guided, plain = _alg1(ld, "lookahead"), _alg1(ld, lambda g, y: None)
+    rg, rp = guided.curve("reward_mean"), plain.curve("reward_mean")
+    assert rg[0] == rp[0]
+    base = rg[0]
+    assert all(r > base + 0.004 for r in rg[1:]), rg
+    assert all(abs(r - base) < 0.004 for r in rp[1:]), rp
+    # paired: every last-round sample is brighter than its unguided twin
+    assert (guided.rewards > plain.rewards).all(), (guided.rewards, plain.rewards)
+    assert guided.objective.grad_queries == 3 * 4

@@ -5,6 +5,9 @@
   so every optidiff sampler and guidance runs on it.
 - :class:`GradientEstimationScheduler` is the (γ, μ) sampler family of Permenter & Yuan (ICML 2024) as a diffusers
   scheduler, so every diffusers pipeline can sample with GE (or DDIM, or DDPM, or anything between).
+- :func:`from_latent_pipeline` turns a latent diffusion pipeline (Stable Diffusion) into an optidiff
+  model over latents, conditioned on a prompt, with its VAE decoder (:class:`LatentDiffusion`), so
+  that guidance and Algorithms 1 and 2 take objectives on decoded images.
 
 Import it explicitly (``from optidiff.models.diffusers import from_diffusers``): ``import optidiff``
 never imports diffusers.
@@ -12,7 +15,7 @@ never imports diffusers.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +32,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("optidiff.models.diffusers needs the optional dependency diffusers: "
                       "pip install 'optidiff[diffusers]'") from err
 
+from ..guidance import ClassifierFree
+from ..optimize.objectives import Objective
 from ..sampling import check_gamma_mu, gamma_mu_step
 from ..schedules import (
     CosineSchedule,
@@ -39,6 +44,7 @@ from ..schedules import (
     trailing_indices,
     vp_scale,
 )
+from .latent import LatentDecoder, decoded_objective
 from .base import (
     VPModel,
     check_prediction_type,
@@ -51,7 +57,10 @@ __all__ = [
     "DiffusersNet",
     "GradientEstimationScheduler",
     "GradientEstimationSchedulerOutput",
+    "LatentDiffusion",
+    "PromptModel",
     "from_diffusers",
+    "from_latent_pipeline",
 ]
 
 
@@ -415,3 +424,123 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
         """The v-prediction target v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0 (Salimans & Ho 2022)."""
         sig = self._sigma_at(timesteps, sample)
         return (noise - sig * sample) * vp_scale(sig)
+
+
+# ------------------------------------------------------------------------------------------------
+# latent diffusion pipelines -> optidiff model over latents + decoder
+
+
+class PromptModel(nn.Module):
+    """A model over latents conditioned on fixed text embeddings: ``model(x, σ, cond=None)`` uses
+    ``prompt_embeds`` (broadcast over the batch) when ``cond`` is None, with classifier-free
+    guidance ``eps_u + w·(eps_c − eps_u)`` (Ho & Salimans 2021, diffusers' ``guidance_scale``)
+    against ``negative_embeds`` when ``guidance_scale`` ≠ 1. An ``nn.Module`` holding the wrapped
+    model, so Algorithm 2 fine-tunes its parameters."""
+
+    def __init__(self, model: VPModel, prompt_embeds: Tensor, negative_embeds: Tensor | None = None,
+                 guidance_scale: float = 1.0):
+        super().__init__()
+        if guidance_scale != 1.0 and negative_embeds is None:
+            raise ValueError(f"guidance_scale={guidance_scale} needs negative_embeds (the "
+                             "unconditional embedding)")
+        self.model, self.guidance_scale = model, float(guidance_scale)
+        self.input_shape = model.input_shape
+        self.register_buffer("prompt_embeds", prompt_embeds.detach(), persistent=False)
+        self.register_buffer("negative_embeds", None if negative_embeds is None
+                             else negative_embeds.detach(), persistent=False)
+        self.cfg = (None if self.guidance_scale == 1.0
+                    else ClassifierFree(self.guidance_scale, null_cond=self.negative_embeds))
+
+    def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        if cond is None:
+            cond = self.prompt_embeds.to(x.dtype).expand(len(x), *self.prompt_embeds.shape[-2:])
+        if self.cfg is None:
+            return self.model(x, sigma, cond)
+        return self.cfg(self.model, x, sigma, cond)
+
+
+@dataclass
+class LatentDiffusion:
+    """An optidiff model over latents and the decoder of its pipeline (:func:`from_latent_pipeline`).
+
+    Attributes:
+        model: ``model(x, sigma, cond=None) -> eps`` over VE latents (a :class:`PromptModel`).
+        decoder: latents → images in [0, 1] (a :class:`~optidiff.models.latent.LatentDecoder`).
+        scheduler: a :class:`GradientEstimationScheduler` with the pipeline's β schedule and
+            spacing, for :meth:`sigmas`.
+    """
+
+    model: PromptModel
+    decoder: LatentDecoder
+    scheduler: GradientEstimationScheduler
+
+    def sigmas(self, steps: int) -> Tensor:
+        """The scheduler's VE grid of ``steps`` steps (float32), for ``od.sample`` and the
+        optimizers."""
+        self.scheduler.set_timesteps(steps)
+        return self.scheduler.sigmas.float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images in [0, 1] of latents z (differentiable)."""
+        return self.decoder(z)
+
+    def objective(self, f: Callable[[Tensor], Tensor] | Objective, *,
+                  name: str | None = None) -> Objective:
+        """``z ↦ f(decode(z))`` as a counted objective for ``gradient_guided`` / ``adaptive``
+        (:func:`~optidiff.models.latent.decoded_objective`)."""
+        return decoded_objective(f, self.decoder, name=name)
+
+    def reward(self, f: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+        """The differentiable ``z ↦ f(decode(z))`` for ``DPS``/``RewardGuidance`` on x0_hat."""
+        return self.decoder.compose(f)
+
+
+def from_latent_pipeline(pipe: Any, prompt: str | list[str] = "", *,
+                         negative_prompt: str | None = None, guidance_scale: float = 1.0,
+                         input_shape: tuple[int, ...] | None = None,
+                         decoder_chunk_size: int | None = None, decoder_checkpoint: bool = False,
+                         unet_checkpoint: bool = False,
+                         timestep_spacing: str | None = None) -> LatentDiffusion:
+    """An optidiff model over the latents of a latent diffusion pipeline (Stable Diffusion and any
+    pipeline with ``unet``, ``vae``, ``scheduler`` and ``encode_prompt``), with its decoder.
+
+    The model is :func:`from_diffusers` of ``pipe.unet`` conditioned on the encoded ``prompt``
+    (classifier-free guidance with ``guidance_scale`` ≠ 1, as the pipeline's); samples are VE
+    latents, ``decode`` maps them to images. All of optidiff's guidance and optimizers take it:
+    ``od.optimize.gradient_guided(ld.model, ld.objective(f), ld.sigmas(50), …)`` guides toward
+    ``f(decode(z))``: the gradient g of each round passes through the decoder, the look-ahead's
+    ``Jᵀg`` through the UNet; ``DPS(ld.reward(A), y)`` differentiates through both at once.
+
+    Args:
+        pipe: e.g. ``StableDiffusionPipeline.from_pretrained("/path/to/local/dir")``.
+        prompt: one prompt (its embedding is shared by every sample).
+        negative_prompt: the unconditional prompt of classifier-free guidance (default "").
+        guidance_scale: w of classifier-free guidance (1: the conditional model alone).
+        input_shape: latent shape ``(C, h, w)``; default from ``pipe.unet.config`` (h = height/8).
+        decoder_chunk_size, decoder_checkpoint: the memory knobs of :class:`LatentDecoder`.
+        unet_checkpoint: diffusers' gradient checkpointing of the UNet blocks
+            (``pipe.unet.enable_gradient_checkpointing()``; changes ``pipe.unet``), for guidance
+            that backpropagates through the UNet.
+        timestep_spacing: of :meth:`LatentDiffusion.sigmas` (default: the pipeline scheduler's).
+    """
+    for part in ("unet", "vae", "scheduler", "encode_prompt"):
+        if not hasattr(pipe, part):
+            raise TypeError(f"pipe must be a latent diffusion pipeline with unet, vae, scheduler "
+                            f"and encode_prompt; {type(pipe).__name__} has no {part}")
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be one string (shared by every sample), got {prompt!r}")
+    device = pipe.unet.device
+    cfg = guidance_scale != 1.0
+    with torch.no_grad():
+        emb, neg = pipe.encode_prompt(prompt, device, 1, cfg, negative_prompt)
+    if unet_checkpoint:
+        pipe.unet.enable_gradient_checkpointing()
+    extra = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+    scheduler = GradientEstimationScheduler.from_config(pipe.scheduler.config, **extra)
+    model = from_diffusers(pipe.unet, scheduler, input_shape, cond_key="encoder_hidden_states")
+    vae_cfg = pipe.vae.config
+    decoder = LatentDecoder(pipe.vae, scaling_factor=vae_cfg.scaling_factor,
+                            shift_factor=getattr(vae_cfg, "shift_factor", None) or 0.0,
+                            chunk_size=decoder_chunk_size, checkpoint=decoder_checkpoint)
+    return LatentDiffusion(PromptModel(model, emb, neg if cfg else None, guidance_scale),
+                           decoder, scheduler)
