@@ -312,8 +312,8 @@ def test_ge_scheduler_add_noise_and_velocity_broadcast_one_timestep():
         ge.get_velocity(x0, noise, 1000)
 
 
-@pytest.mark.parametrize("beta", [dict(), dict(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                beta_end=0.012)])
+@pytest.mark.parametrize("beta", [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                "beta_end": 0.012}])
 def test_ge_scheduler_log_linear_grid_closed_form(beta):
     # the authors' grid: target σ_i = σ_max·(σ(⌊T/N⌋)/σ_max)^{i/(N−1)}, i = 0 … N−1, each taken
     # up to the first training σ ≥ it; then σ(0) (or 0 with set_alpha_to_one)
@@ -359,14 +359,14 @@ def test_ge_scheduler_set_timesteps_options_and_step_index(unet, z_init):
             ge.step(unet(z_init, t).sample, t, z_init)
             assert ge.step_index == ge._index(t) + 1
     assert ge.begin_index == 1 and ge.step_index == 3
-    for bad, match in ((dict(), "exactly one"), (dict(num_inference_steps=3, timesteps=[5]),
+    for bad, match in (({}, "exactly one"), ({"num_inference_steps": 3, "timesteps": [5]},
                                                  "exactly one"),
-                       (dict(timesteps=[100, 500]), "strictly decreasing"),
-                       (dict(timesteps=[1000, 5]), r"\[0, 1000\)"),
-                       (dict(sigmas=[1.0, 2.0]), "strictly decreasing VE"),
-                       (dict(sigmas=[5.0]), "N \\+ 1 >= 2"),
-                       (dict(sigmas=[100.0, 99.9, 0.0]), "two σ's map to one"),
-                       (dict(num_inference_steps=0), "num_inference_steps")):
+                       ({"timesteps": [100, 500]}, "strictly decreasing"),
+                       ({"timesteps": [1000, 5]}, r"\[0, 1000\)"),
+                       ({"sigmas": [1.0, 2.0]}, "strictly decreasing VE"),
+                       ({"sigmas": [5.0]}, "N \\+ 1 >= 2"),
+                       ({"sigmas": [100.0, 99.9, 0.0]}, "two σ's map to one"),
+                       ({"num_inference_steps": 0}, "num_inference_steps")):
         with pytest.raises(ValueError, match=match):
             ge.set_timesteps(**bad)
     with pytest.raises(ValueError, match="begin_index"):

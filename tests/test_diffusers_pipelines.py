@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 import optidiff as od
 from optidiff.models.diffusers import (
     GradientEstimationScheduler,
+    PromptModel,
     from_diffusers,
     from_latent_pipeline,
 )
@@ -28,9 +29,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 PROMPT = "a red cat"
 #: Stable Diffusion's scheduler config (scaled-linear β, leading spacing with offset 1), no clipping
-SD_CONFIG = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                 steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False,
-                 clip_sample=False)
+SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                 "steps_offset": 1, "timestep_spacing": "leading", "set_alpha_to_one": False,
+                 "clip_sample": False}
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -65,8 +66,8 @@ def components(tmp_path_factory):
         in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, sample_size=16).eval()
-    return dict(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+    return {"vae": vae, "text_encoder": text, "tokenizer": tok, "unet": unet, "safety_checker": None,
+                "feature_extractor": None, "requires_safety_checker": False}
 
 
 def _pipe(cls, components, scheduler):
@@ -115,8 +116,8 @@ def test_gamma1_equals_ddim_in_image_to_image(components, strength):
     # img2img: add_noise(latents, noise, timesteps[:1].repeat(B)), then timesteps[t_start:] with
     # set_begin_index(t_start) where the scheduler has it
     ddim = diffusers.DDIMScheduler(**SD_CONFIG)
-    kwargs = dict(image=_image(1), strength=strength, num_images_per_prompt=1,
-                  prompt=[PROMPT] * 2)
+    kwargs = {"image": _image(1), "strength": strength, "num_images_per_prompt": 1,
+                  "prompt": [PROMPT] * 2}
     ref = _pipe(diffusers.StableDiffusionImg2ImgPipeline, components, ddim)(
         generator=_gen(0), output_type="latent", num_inference_steps=4, guidance_scale=3.0,
         **kwargs).images
@@ -136,9 +137,9 @@ def test_gamma1_equals_ddim_in_inpainting(components):
     ddim = diffusers.DDIMScheduler(**SD_CONFIG)
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, 4:12, 4:12] = 1.0
-    kwargs = dict(image=_image(2), mask_image=mask, num_images_per_prompt=1, prompt=[PROMPT] * 2,
-                  height=16, width=16, num_inference_steps=4, guidance_scale=3.0,
-                  output_type="latent")
+    kwargs = {"image": _image(2), "mask_image": mask, "num_images_per_prompt": 1, "prompt": [PROMPT] * 2,
+                  "height": 16, "width": 16, "num_inference_steps": 4, "guidance_scale": 3.0,
+                  "output_type": "latent"}
     for strength in (1.0, 0.5):
         ref = _pipe(diffusers.StableDiffusionInpaintPipeline, components, ddim)(
             generator=_gen(0), strength=strength, **kwargs).images
@@ -242,6 +243,12 @@ def test_decoder_chunks_and_checkpointing(sd):
         torch.testing.assert_close(lean(z), ld.decode(z), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="chunk_size"):
         from_latent_pipeline(sd, PROMPT, decoder_chunk_size=0)
+    with pytest.raises(TypeError, match="encode_prompt"):
+        from_latent_pipeline(diffusers.DDPMPipeline(unet=sd.unet, scheduler=sd.scheduler))
+    with pytest.raises(TypeError, match="one string"):
+        from_latent_pipeline(sd, [PROMPT, PROMPT])
+    with pytest.raises(ValueError, match="negative_embeds"):
+        PromptModel(ld.model.model, ld.model.prompt_embeds, guidance_scale=2.0)
 
 
 def test_gradient_through_unet_and_decoder_matches_finite_differences(components):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +45,6 @@ from ..schedules import (
     trailing_indices,
     vp_scale,
 )
-from .latent import LatentDecoder, decoded_objective
 from .base import (
     VPModel,
     check_prediction_type,
@@ -52,6 +52,7 @@ from .base import (
     sigma_like,
     vp_output_to_eps,
 )
+from .latent import LatentDecoder, decoded_objective
 
 __all__ = [
     "DiffusersNet",
@@ -324,7 +325,7 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
             idx = [int(t) for t in idx]
         else:
             idx = self._spaced(num_inference_steps)
-        if any(a <= b for a, b in zip(idx, idx[1:])):
+        if any(a <= b for a, b in pairwise(idx)):
             raise ValueError(f"the timesteps must be strictly decreasing, got {idx}" + (
                 " (two σ's map to one training timestep)" if sigmas is not None else
                 " (log_linear spacing rounds two σ's to one training timestep: use fewer steps)"
@@ -495,7 +496,7 @@ class LatentDiffusion:
         return self.decoder.compose(f)
 
 
-def from_latent_pipeline(pipe: Any, prompt: str | list[str] = "", *,
+def from_latent_pipeline(pipe: Any, prompt: str = "", *,
                          negative_prompt: str | None = None, guidance_scale: float = 1.0,
                          input_shape: tuple[int, ...] | None = None,
                          decoder_chunk_size: int | None = None, decoder_checkpoint: bool = False,
@@ -528,7 +529,7 @@ def from_latent_pipeline(pipe: Any, prompt: str | list[str] = "", *,
             raise TypeError(f"pipe must be a latent diffusion pipeline with unet, vae, scheduler "
                             f"and encode_prompt; {type(pipe).__name__} has no {part}")
     if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be one string (shared by every sample), got {prompt!r}")
+        raise TypeError(f"prompt must be one string (shared by every sample), got {prompt!r}")
     device = pipe.unet.device
     cfg = guidance_scale != 1.0
     with torch.no_grad():

@@ -20,6 +20,7 @@ builds both from a diffusers pipeline.
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
