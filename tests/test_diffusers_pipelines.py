@@ -241,6 +241,10 @@ def test_decoder_chunks_and_checkpointing(sd):
     assert mem_lean < 0.1 * mem_full, (mem_lean, mem_full)
     with torch.no_grad():
         torch.testing.assert_close(lean(z), ld.decode(z), rtol=1e-5, atol=1e-6)
+        # the VAE runs in its dtype (float32 here), the images come back in the latents' dtype
+        out64 = ld.decode(z.double())
+        assert out64.dtype == torch.float64
+        torch.testing.assert_close(out64.float(), ld.decode(z))
     with pytest.raises(ValueError, match="chunk_size"):
         from_latent_pipeline(sd, PROMPT, decoder_chunk_size=0)
     with pytest.raises(TypeError, match="encode_prompt"):

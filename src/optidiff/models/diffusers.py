@@ -198,6 +198,16 @@ class GradientEstimationScheduler(SchedulerMixin, ConfigMixin):
     The ε history is reset by :meth:`set_timesteps` and whenever a step does not follow the
     previous one (a new loop, or img2img starting part-way), so a stale ε is never reused.
 
+    What diffusers' pipelines rely on behaves as in diffusers' own schedulers (tested inside
+    ``StableDiffusionPipeline``, ``StableDiffusionImg2ImgPipeline`` and
+    ``StableDiffusionInpaintPipeline``, where γ = 1 reproduces ``DDIMScheduler``): ``add_noise`` and
+    ``get_velocity`` take one timestep for the whole batch (0-d or shape (1,)) or one per sample;
+    ``set_timesteps`` takes ``num_inference_steps``, ``device``, custom ``timesteps=`` (as
+    ``DDPMScheduler``) or ``sigmas=`` (as ``EulerDiscreteScheduler``); ``strength`` schedules run
+    ``timesteps[t_start:]`` after ``set_begin_index(t_start)``; ``order``, ``init_noise_sigma``,
+    ``scale_model_input``, ``begin_index``, ``step_index``; ``save_pretrained``/``from_pretrained``
+    (also of a whole pipeline: ``model_index.json`` names ``optidiff.models.diffusers``).
+
     Compared with the authors' ``GEScheduler`` (ToyotaResearchInstitute/gradient-estimation-sampler):
     that one accepts ``prediction_type="epsilon"`` only (it raises for ``v_prediction`` and
     ``sample``), has no μ (deterministic GE only), and keeps VE latents (``init_noise_sigma =
@@ -543,5 +553,5 @@ def from_latent_pipeline(pipe: Any, prompt: str = "", *,
     decoder = LatentDecoder(pipe.vae, scaling_factor=vae_cfg.scaling_factor,
                             shift_factor=getattr(vae_cfg, "shift_factor", None) or 0.0,
                             chunk_size=decoder_chunk_size, checkpoint=decoder_checkpoint)
-    return LatentDiffusion(PromptModel(model, emb, neg if cfg else None, guidance_scale),
-                           decoder, scheduler)
+    prompt_model = PromptModel(model, emb, neg if cfg else None, guidance_scale).to(device)
+    return LatentDiffusion(prompt_model, decoder, scheduler)

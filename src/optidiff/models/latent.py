@@ -44,6 +44,9 @@ class LatentDecoder(nn.Module):
       activations there (``torch.utils.checkpoint``, non-reentrant), so that backpropagation holds
       the activations of one chunk at a time. Results and gradients are unchanged.
 
+    The VAE runs in its own dtype (a float16 VAE takes the latents cast to float16); the images
+    come back in the dtype of z.
+
     Args:
         vae: a module with ``decode(u)`` returning a tensor or an object with ``.sample``.
         scaling_factor, shift_factor: the latent normalisation of the VAE (``vae.config``'s; 0.18215
@@ -67,8 +70,10 @@ class LatentDecoder(nn.Module):
         self.unit_range = bool(unit_range)
 
     def _decode(self, z: Tensor) -> Tensor:
-        out = self.vae.decode(z / self.scaling_factor + self.shift_factor)
-        out = getattr(out, "sample", out)
+        weight = next(self.vae.parameters(), None)  # the VAE's dtype (e.g. float16) in, z's out
+        u = z / self.scaling_factor + self.shift_factor
+        out = self.vae.decode(u if weight is None else u.to(weight.dtype))
+        out = getattr(out, "sample", out).to(z.dtype)
         return out * 0.5 + 0.5 if self.unit_range else out
 
     def forward(self, z: Tensor) -> Tensor:
