@@ -294,6 +294,85 @@ def test_ge_scheduler_add_noise_and_velocity_equal_ddpm():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_ge_scheduler_add_noise_and_velocity_broadcast_one_timestep():
+    # diffusers' img2img/inpainting pipelines pass one timestep for a batch: 0-d, an int, or (1,)
+    ge, ddpm = GradientEstimationScheduler(), diffusers.DDPMScheduler()
+    x0, noise = torch.randn(4, 1, 8, 8, generator=_gen(1)), torch.randn(4, 1, 8, 8, generator=_gen(2))
+    for t in (torch.tensor(500), 500, torch.tensor([500]), torch.tensor([500.0]),
+              torch.full((4,), 500)):
+        torch.testing.assert_close(ge.add_noise(x0, noise, t),
+                                   ddpm.add_noise(x0, noise, torch.full((4,), 500)),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ge.get_velocity(x0, noise, t),
+                                   ddpm.get_velocity(x0, noise, torch.full((4,), 500)),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"one per sample \(4\), got shape \(3,\)"):
+        ge.add_noise(x0, noise, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match=r"timesteps must be training indices in \[0, 1000\)"):
+        ge.get_velocity(x0, noise, 1000)
+
+
+@pytest.mark.parametrize("beta", [{}, {"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                                "beta_end": 0.012}])
+def test_ge_scheduler_log_linear_grid_closed_form(beta):
+    # the authors' grid: target σ_i = σ_max·(σ(⌊T/N⌋)/σ_max)^{i/(N−1)}, i = 0 … N−1, each taken
+    # up to the first training σ ≥ it; then σ(0) (or 0 with set_alpha_to_one)
+    for steps in (1, 2, 4, 10, 50):
+        ge = GradientEstimationScheduler(timestep_spacing="log_linear", **beta)
+        ts = ge.train_sigmas
+        ge.set_timesteps(steps)
+        t = ge.timesteps.tolist()
+        assert len(t) == steps and t[0] == 999 and ge.sigmas[-1] == ts[0]
+        if steps == 1:
+            continue
+        assert t[-1] == 1000 // steps
+        for i, ti in enumerate(t[1:-1], start=1):
+            target = ts[-1] * (ts[1000 // steps] / ts[-1]) ** (i / (steps - 1))
+            assert ts[ti - 1] < target <= ts[ti], (steps, i, ti)
+        torch.testing.assert_close(ge.sigmas[:-1], ts[t])
+    ge = GradientEstimationScheduler(timestep_spacing="log_linear", set_alpha_to_one=True, **beta)
+    ge.set_timesteps(10)
+    assert ge.sigmas[-1] == 0 and len(ge.sigmas) == 11
+    # the grid is geometric up to the rounding to training timesteps: log σ steps nearly equal
+    d = ge.sigmas[:-1].log().diff()
+    assert (d.max() - d.min()) < 0.3 * d.abs().mean()
+    with pytest.raises(ValueError, match="use fewer steps"):
+        ge.set_timesteps(200)
+
+
+def test_ge_scheduler_set_timesteps_options_and_step_index(unet, z_init):
+    ge = GradientEstimationScheduler()
+    ge.set_timesteps(timesteps=[900, 500, 100])
+    assert ge.timesteps.tolist() == [900, 500, 100] and ge.num_inference_steps == 3
+    torch.testing.assert_close(ge.sigmas, torch.cat([ge.train_sigmas[[900, 500, 100]],
+                                                     ge.train_sigmas[:1]]))
+    # sigmas=: the network's timestep is the training σ nearest in log σ
+    ge.set_timesteps(sigmas=[50.0, 2.0, 0.1, 0.0])
+    assert ge.sigmas.tolist() == [50.0, 2.0, 0.1, 0.0]
+    for t, s in zip(ge.timesteps.tolist(), [50.0, 2.0, 0.1]):
+        logs = ge.train_sigmas.log()
+        assert (logs[t] - torch.tensor(s).log()).abs() <= (logs - torch.tensor(s).log()).abs().min()
+    assert ge.step_index is None and ge.begin_index is None
+    ge.set_begin_index(1)
+    with torch.no_grad():
+        for t in ge.timesteps[1:]:
+            ge.step(unet(z_init, t).sample, t, z_init)
+            assert ge.step_index == ge._index(t) + 1
+    assert ge.begin_index == 1 and ge.step_index == 3
+    for bad, match in (({}, "exactly one"), ({"num_inference_steps": 3, "timesteps": [5]},
+                                                 "exactly one"),
+                       ({"timesteps": [100, 500]}, "strictly decreasing"),
+                       ({"timesteps": [1000, 5]}, r"\[0, 1000\)"),
+                       ({"sigmas": [1.0, 2.0]}, "strictly decreasing VE"),
+                       ({"sigmas": [5.0]}, "N \\+ 1 >= 2"),
+                       ({"sigmas": [100.0, 99.9, 0.0]}, "two σ's map to one"),
+                       ({"num_inference_steps": 0}, "num_inference_steps")):
+        with pytest.raises(ValueError, match=match):
+            ge.set_timesteps(**bad)
+    with pytest.raises(ValueError, match="begin_index"):
+        ge.set_begin_index(7)
+
+
 def test_gamma_mu_step_is_the_samplers_step():
     # od.sample's (γ, μ) loop, one step at a time through gamma_mu_step, on a plain function model
     def model(x, sigma, cond=None):

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ..schedules import alpha_bar_to_sigma, vp_scale
 
-__all__ = ["PREDICTION_TYPES", "VPModel", "X0Model", "check_prediction_type", "sigma_like",
-           "vp_output_to_eps", "x0_hat"]
+__all__ = ["PREDICTION_TYPES", "VPModel", "X0Model", "check_prediction_type", "nearest_timestep",
+           "sigma_like", "vp_output_to_eps", "x0_hat"]
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -59,6 +59,15 @@ def x0_hat(model: Callable[..., Tensor], x: Tensor, sigma: Tensor, cond: Any = N
     return x - sigma_like(sigma, x) * model(x, sigma, cond)
 
 
+def nearest_timestep(log_sigmas: Tensor, sigma: Tensor | float) -> Tensor:
+    """Index of the entry of the increasing table ``log_sigmas`` nearest to ``log sigma``
+    (searchsorted, ties to the lower index)."""
+    ls = torch.as_tensor(sigma, dtype=torch.float64, device=log_sigmas.device).log()
+    hi = torch.searchsorted(log_sigmas, ls).clamp(1, len(log_sigmas) - 1)
+    lo = hi - 1
+    return torch.where(ls - log_sigmas[lo] <= log_sigmas[hi] - ls, lo, hi)
+
+
 class VPModel(nn.Module):
     """Turn a discrete-time VP network ``net(z, t) -> output`` (a DDPM or diffusers UNet) into an
     optidiff model.
@@ -79,11 +88,8 @@ class VPModel(nn.Module):
         self.register_buffer("log_sigmas", alpha_bar_to_sigma(abar).log(), persistent=False)
 
     def timestep(self, sigma: Tensor) -> Tensor:
-        """Index of the training σ nearest to ``sigma`` in log σ (searchsorted on the σ table)."""
-        ls = torch.as_tensor(sigma, dtype=torch.float64, device=self.log_sigmas.device).log()
-        hi = torch.searchsorted(self.log_sigmas, ls).clamp(1, len(self.log_sigmas) - 1)
-        lo = hi - 1
-        return torch.where(ls - self.log_sigmas[lo] <= self.log_sigmas[hi] - ls, lo, hi)
+        """Index of the training σ nearest to ``sigma`` in log σ (:func:`nearest_timestep`)."""
+        return nearest_timestep(self.log_sigmas, sigma)
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         t = self.timestep(sigma)

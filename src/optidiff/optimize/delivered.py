@@ -58,7 +58,7 @@ def _rows(g: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     """(G, Z) flattened to (n, D): per-sample g with the samples, or one g with the batch mean."""
     zf = z.detach().flatten(1).double()
     gf = g.detach().double()
-    if gf.ndim == zf.ndim:              # per sample (B, *dims)
+    if gf.ndim == z.ndim:               # per sample (B, *dims)
         return gf.flatten(1), zf
     return gf.reshape(1, -1), zf.mean(0, keepdim=True)
 
