@@ -55,8 +55,12 @@ def _task_params(name: str) -> type[Section]:
     """A strict section of task ``name``'s constructor parameters (its dataclass fields)."""
     cls = task_class(name)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else ...)
-              for f in dataclasses.fields(cls) if f.init}
+    def default(f: dataclasses.Field) -> Any:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else ...
+
+    fields = {f.name: (hints[f.name], default(f)) for f in dataclasses.fields(cls) if f.init}
     return create_model(f"{cls.__name__}Params", __base__=Section, **fields)
 
 

@@ -23,6 +23,7 @@ TASKS: dict[str, str | type] = {
     "digits": "optidiff.tasks.digits:DigitsTask",
     "linear_subspace": "optidiff.tasks.subspace:LinearSubspaceTask",
     "tfbind8": "optidiff.tasks.tfbind8:TFBind8Task",
+    "ehrlich": "optidiff.tasks.ehrlich:EhrlichTask",
 }
 
 
