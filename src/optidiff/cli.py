@@ -206,7 +206,7 @@ def optimize(
             from .runs.offline import offline_command
             summary, run = offline_command(config, run_dir, resume=resume, progress=progress,
                                            device=device, echo=typer.echo)
-            typer.echo(f"{len(summary['records'])} candidate batches, "
+            typer.echo(f"{len(summary["records"])} candidate batches, "
                        f"{summary['timings']['total_s']:.0f} s")
         else:
             from .runs.optimize import optimize_command
