@@ -214,7 +214,7 @@ def distribution_figure(panels: Mapping[str, Mapping[str, list[float]]], *,
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     for ax, (title, groups) in zip(axes, panels.items()):
         names = list(groups)
-        ax.boxplot([groups[n] for n in names], vert=False, showfliers=True, widths=0.6,
+        ax.boxplot([groups[n] for n in names], orientation="horizontal", widths=0.6,
                    flierprops={"markersize": 2})
         ax.set_yticks(range(1, len(names) + 1), labels=names, fontsize=7)
         ax.invert_yaxis()

@@ -105,7 +105,7 @@ def evolution(reward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, num_clas
               n: int, exclude: set[bytes], *, seed: int, generations: int = 64,
               particles: int = 256, mutation_prob: float | None = None) -> Tensor:
     """``pytorch-holo``'s ``DiscreteEvolution`` maximising f̂: ``particles`` start as the best
-    visible designs; each generation keeps the particles at or above the median surrogate value,
+    visible designs (all of them when there are fewer); each generation keeps the particles at or above the median surrogate value,
     refills the rest by uniform crossover of survivors and mutates each token with probability
     ``mutation_prob`` (default ``1/L``). Returns the top ``n`` distinct sequences outside
     ``exclude`` among all evaluated ones. The optimizer draws from torch's global generator, so
@@ -114,6 +114,7 @@ def evolution(reward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, num_clas
 
     length = x.shape[1]
     p = mutation_prob if mutation_prob is not None else 1.0 / length
+    particles = min(particles, len(x))
     start = x[torch.argsort(y, descending=True, stable=True)[:particles]].float()
     seen_x, seen_s = [], []
 
@@ -126,9 +127,6 @@ def evolution(reward: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, num_clas
 
     with rng.seeded(offline_seed(seed, "evolution")):
         param = torch.nn.Parameter(start[0].clone(), requires_grad=False)
-        if len(start) < particles:
-            raise ValueError(f"evolution needs at least particles={particles} visible designs, "
-                             f"got {len(start)}")
         opt = DiscreteEvolution([param], vocab=list(range(num_classes)), mutation_prob=p,
                                 num_particles=particles)
         opt.state[param]["particles"] = start.clone()  # a population of distinct designs

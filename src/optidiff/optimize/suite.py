@@ -18,7 +18,12 @@ budget of ``n`` candidates:
   bounded by ``reward_clip``;
 - **RCD trust region**: the guided model as a trust region for the surrogate: a pool of guided
   samples, visible ones and duplicates dropped, ranked by the ensemble's mean minus ``λ`` times its
-  spread (a lower confidence bound), the top ``n`` kept.
+  spread (a lower confidence bound), the top ``n`` kept (guidance scale 0: the unguided prior
+  is the region);
+- **RCD trust region + evolution**: ``pytorch-holo``'s evolution of :func:`~optidiff.optimize.
+  baselines.evolution` on that lower confidence bound, started from the distinct guided samples
+  instead of the best visible designs (the prior proposes, the evolution refines; the trust
+  region's selected scale and λ).
 
 The guidance scale and ``λ`` are chosen by :mod:`optidiff.optimize.selection` (held-out top,
 no oracle) on the first seed and used for every seed. Every method's candidates are de-duplicated
@@ -49,7 +54,8 @@ __all__ = ["BASELINES", "GENERATIVE", "METHODS", "SequenceProblem", "SuiteSettin
            "evaluate", "penalised", "rank_correlation", "run_problem"]
 
 BASELINES = ("uniform random", "enumeration", "gradient ascent", "evolution")
-GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region")
+GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region",
+              "RCD trust region + evolution")
 METHODS = BASELINES + GENERATIVE
 
 
@@ -188,8 +194,14 @@ def _generative(name: str, gen: _Generator, reward: EnsembleReward, exclude: set
     if name == "RCD + reward guidance":
         return gen(setting["reward_scale"], n)
     x = gen(setting["trust_scale"], pool)
-    score = pseudo_label(penalised(reward, setting["penalty"]), problem.features(x))
-    return B.top_new(x, score, n, exclude)
+    lcb = penalised(reward, setting["penalty"])
+    score = pseudo_label(lcb, problem.features(x))
+    if name == "RCD trust region":
+        return B.top_new(x, score, n, exclude)
+    start = B.top_new(x, score, pool, set())  # distinct, best first
+    return B.evolution(lcb, start, pseudo_label(lcb, problem.features(start)),
+                       problem.num_classes, n, exclude, seed=gen.seed,
+                       generations=st.evolution_generations)
 
 
 def _baseline(name: str, reward: EnsembleReward, problem: SequenceProblem, st: SuiteSettings,
@@ -216,7 +228,7 @@ def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleRewar
     inner = set(B.seq_keys(x_in))
     args = (x_in, validator, problem.features)
     scale, t1 = select_setting(list(st.reward_scales), lambda s: gen(s, st.n), *args)
-    grid = [(s, lam) for lam in st.penalties for s in st.reward_scales]
+    grid = [(s, lam) for lam in st.penalties for s in dict.fromkeys((0.0, *st.reward_scales))]
     (ts, lam), t2 = select_setting(grid, lambda sl: _generative(
         "RCD trust region", gen, f_in, inner, problem, st,
         {"trust_scale": sl[0], "penalty": sl[1]}), *args)
