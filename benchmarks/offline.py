@@ -294,11 +294,11 @@ def _md_suite(part: str, res: dict, threads: int) -> list[str]:
         pub = [{"source": a, "100th pct": b, "protocol": c} for a, b, c in PUBLISHED_DDOM]
         pub += [{"source": f"Design-Bench README: {a}", "100th pct": b,
                  "protocol": "128 candidates, 8 trials"} for a, b in DESIGN_BENCH_README]
-        md += ["Published 100th-percentile numbers on TFBind8 (SIX6) for context (saturated: 128 "
-               "uniform random 8-mers reach about 0.94):", "",
+        md += [("Published 100th-percentile numbers on TFBind8 (SIX6) for context (saturated: "
+                "128 uniform random 8-mers reach about 0.94):"), "",
                markdown_table(pub, ["source", "100th pct", "protocol"]), "",
-               "Tan et al. (ICLR 2025) rerun, TF8 column (128 candidates, 100th pct, 8 seeds): "
-               + "; ".join(f"{a} {b}" for a, b in TAN_RERUN_TF8) + ".", ""]
+               ("Tan et al. (ICLR 2025) rerun, TF8 column (128 candidates, 100th pct, 8 seeds): "
+                + "; ".join(f"{a} {b}" for a, b in TAN_RERUN_TF8) + "."), ""]
     return md
 
 

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -26,4 +28,20 @@ def test_samplers_digits_quick_matches_the_diffusers_reference(monkeypatch, tmp_
                                                     "diffusers dpmpp_2m"}
     assert all(0 < r["fd"] < float("inf") for r in res["rows"])
     assert res["agreement"] and all(a["max abs difference"] < 1e-3 for a in res["agreement"])
+    assert "not written" in capsys.readouterr().out
+
+
+def test_offline_suites_quick_run_every_method(capsys):
+    """The TF-suite and Ehrlich parts end to end on tiny settings (SIX6 only, Ehrlich L = 32):
+    every method and baseline gets a row, enumeration only where the space is small."""
+    pytest.importorskip("holo")
+    from benchmarks import offline
+
+    from optidiff.optimize.suite import METHODS
+
+    result = offline.main(["--quick", "--part", "tfsuite,ehrlich"])
+    tf = {r["method"] for r in result["tfsuite"]["table"]}
+    eh = {r["method"] for r in result["ehrlich"]["table"]}
+    assert tf == set(METHODS) and eh == set(METHODS) - {"enumeration"}
+    assert "tfsuite_item4_holds" in result["claims"]
     assert "not written" in capsys.readouterr().out

@@ -111,7 +111,7 @@ def test_holdout_split_and_selection_use_no_oracle():
     def validator(z):  # f̂_val = the sum of the integer tokens
         return to_integers(z, 4).sum(1).float()
 
-    feat = lambda s: B.relaxed(s, 4)  # noqa: E731
+    feat = lambda s: B.relaxed(s, 4)
     low = torch.zeros(4, 3, dtype=torch.long)
     low[:, 1] = 1  # (0, 1, 0): new, validator value 1
     cands = {"copy": xi[:4], "low": low, "high": torch.full((4, 3), 3)}
@@ -123,9 +123,9 @@ def test_holdout_split_and_selection_use_no_oracle():
 
 
 def test_evaluate_deduplicates_and_counts_novelty_and_feasibility():
-    p, allx = _problem()
+    p, _ = _problem()
     cands = torch.cat([p.x[:2], p.x[:2], p.heldout[-3:]])  # 2 visible twice, 3 new
-    p.feasible = lambda s: s[:, 0] != 0  # noqa: E731
+    p.feasible = lambda s: s[:, 0] != 0
     m = U.evaluate(p, cands, set(B.seq_keys(p.x)))
     assert (m["generated"], m["unique"], m["duplicates"]) == (7, 5, 2)
     assert m["novel"] == pytest.approx(3 / 5)

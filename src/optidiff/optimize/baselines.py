@@ -27,8 +27,16 @@ from torch import Tensor
 from .. import rng
 from .rewards import gradient_ascent, offline_seed, pseudo_label
 
-__all__ = ["MAX_ENUMERATION", "enumeration", "evolution", "relaxed", "seq_keys",
-           "surrogate_gradient_ascent", "uniform_random", "top_new"]
+__all__ = [
+    "MAX_ENUMERATION",
+    "enumeration",
+    "evolution",
+    "relaxed",
+    "seq_keys",
+    "surrogate_gradient_ascent",
+    "top_new",
+    "uniform_random",
+]
 
 #: the largest space :func:`enumeration` scores exhaustively
 MAX_ENUMERATION = 2 ** 22
