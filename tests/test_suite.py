@@ -210,3 +210,30 @@ def test_ehrlich_suite_run_from_a_config(tmp_path):
     events = {json.loads(line).get("event") for line in
               (run.path / "metrics.jsonl").read_text().splitlines()}
     assert events == {"candidates", "selection", "table"}
+
+
+@pytest.mark.parametrize("name", ["offline_tfbind8", "offline_tfsuite", "offline_ehrlich"])
+def test_example_offline_configs_validate(name):
+    from pathlib import Path
+
+    from optidiff.config import load_config
+    from optidiff.runs.offline import suite_settings
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / f"{name}.toml", "offline")
+    if cfg.method.name == "suite":  # the benchmark's settings
+        assert suite_settings(cfg).reward_kwargs["steps"] == U.SuiteSettings().reward_kwargs["steps"]
+        assert suite_settings(cfg).diffusion_steps == U.SuiteSettings().diffusion_steps
+
+
+def test_suite_config_errors(tmp_path):
+    from optidiff.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[task]\nname = "linear_subspace"\n[reward]\nkind = "mlp"\n[method]\n'
+                   'name = "suite"\n')
+    with pytest.raises(ConfigError, match="sequence task"):
+        load_config(cfg, "offline")
+    cfg.write_text('[task]\nname = "ehrlich"\n[reward]\nkind = "mlp"\n[method]\nname = "suite"\n'
+                   '[suite]\nmethods = ["magic"]\n')
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config(cfg, "offline")
