@@ -49,8 +49,15 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (RESULTS_DIR, finish, fmt, markdown_table, parser, set_threads,
-                               update_markdown)
+from benchmarks.common import (
+    RESULTS_DIR,
+    finish,
+    fmt,
+    markdown_table,
+    parser,
+    set_threads,
+    update_markdown,
+)
 
 from optidiff import optimize as O
 from optidiff.metrics import off_subspace_distance
