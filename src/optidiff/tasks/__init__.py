@@ -25,6 +25,7 @@ TASKS: dict[str, str | type] = {
     "linear_subspace": "optidiff.tasks.subspace:LinearSubspaceTask",
     "tfbind8": "optidiff.tasks.tfbind8:TFBind8Task",
     "gp": "optidiff.tasks.gp:GPTask",
+    "ehrlich": "optidiff.tasks.ehrlich:EhrlichTask",
 }
 
 

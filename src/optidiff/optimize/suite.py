@@ -1,0 +1,286 @@
+"""The offline sequence-design suite: every method and baseline on one problem, scored alike.
+
+A :class:`SequenceProblem` is a visible labeled set of integer sequences and an oracle (TFBind8
+and the other transcription factors of :mod:`optidiff.tasks.tfbind8`; Ehrlich functions of
+:mod:`optidiff.tasks.ehrlich`). :func:`run_problem` runs, per seed and with one reward model
+(a bootstrap ensemble of MLPs on the Design-Bench logits, fitted on the visible set) and the same
+budget of ``n`` candidates:
+
+- the baselines of :mod:`optidiff.optimize.baselines` (uniform random, surrogate enumeration when
+  the space is small, surrogate gradient ascent, ``pytorch-holo``'s discrete evolution);
+- **RCD (tutorial)**: the Wang & Chen tutorial's reward-conditioned diffusion (Yuan et al.,
+  NeurIPS 2023): the diffusion model conditioned on the reward model's pseudo-labels, sampled at
+  the largest pseudo-label (plain conditional sampling, w = 1);
+- **RCD, novel only**: the same model, a pool of samples from which the visible sequences and
+  duplicates are dropped before the first ``n`` are kept (conditioning that does not copy);
+- **RCD + reward guidance**: the same model with plain reward-gradient ascent guidance
+  ``G = s·∇f̂(x̂0)`` (no target value, so no outside knowledge of the optimum), the move of x̂0
+  bounded by ``reward_clip``;
+- **RCD trust region**: the guided model as a trust region for the surrogate: a pool of guided
+  samples, visible ones and duplicates dropped, ranked by the ensemble's mean minus ``λ`` times its
+  spread (a lower confidence bound), the top ``n`` kept (guidance scale 0: the unguided prior
+  is the region);
+- **RCD trust region + evolution**: ``pytorch-holo``'s evolution of :func:`~optidiff.optimize.
+  baselines.evolution` on that lower confidence bound, started from the distinct guided samples
+  instead of the best visible designs (the prior proposes, the evolution refines; the trust
+  region's selected scale and λ).
+
+The guidance scale and ``λ`` are chosen by :mod:`optidiff.optimize.selection` (held-out top,
+no oracle) on the first seed and used for every seed. Every method's candidates are de-duplicated
+before scoring (:func:`evaluate`): 100th/50th percentile of the oracle's normalised score
+(infeasible sequences score 0), share feasible, novel (not in the visible set), duplicates, and
+the reward model's Spearman rank correlation with the oracle on the problem's held-out sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..tasks.tfbind8 import to_integers
+from . import baselines as B
+from .offline import reward_conditioned
+from .rewards import EnsembleReward, fit_reward, pseudo_label
+from .selection import holdout_split, select_setting
+
+__all__ = ["BASELINES", "GENERATIVE", "METHODS", "SequenceProblem", "SuiteSettings",
+           "evaluate", "penalised", "rank_correlation", "run_problem"]
+
+BASELINES = ("uniform random", "enumeration", "gradient ascent", "evolution")
+GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region",
+              "RCD trust region + evolution")
+METHODS = BASELINES + GENERATIVE
+
+
+@dataclass
+class SequenceProblem:
+    """Visible designs ``x`` (N, L) int64 over ``num_classes`` states with labels ``y`` (N,);
+    ``oracle`` gives the normalised score of any sequences (infeasible ones 0); ``feasible`` (or
+    None: all feasible) marks sequences the oracle accepts; ``heldout`` are sequences outside the
+    visible set on which the reward model's rank correlation is measured."""
+
+    name: str
+    x: Tensor
+    y: Tensor
+    num_classes: int
+    oracle: Callable[[Tensor], Tensor]
+    heldout: Tensor
+    feasible: Callable[[Tensor], Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.x.shape[1])
+
+    @property
+    def enumerable(self) -> bool:
+        return self.num_classes ** self.length <= B.MAX_ENUMERATION
+
+    def features(self, x: Tensor) -> Tensor:
+        return B.relaxed(x, self.num_classes)
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    """Sizes of a suite run (the defaults are the benchmark's)."""
+
+    n: int = 128
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = METHODS
+    ensemble: int = 4
+    reward_kwargs: dict[str, Any] = field(default_factory=lambda: {
+        "hidden": 128, "depth": 2, "steps": 800, "batch_size": 256, "lr": 1e-3})
+    diffusion_steps: int = 1000
+    batch_size: int = 256
+    model_kwargs: dict[str, Any] = field(default_factory=lambda: {"hidden": 256, "depth": 3})
+    sample_steps: int = 50
+    pool: int = 4
+    reward_scales: tuple[float, ...] = (30.0, 100.0, 300.0, 1000.0)
+    penalties: tuple[float, ...] = (0.0, 1.0, 2.0)
+    reward_clip: float = 5.0
+    holdout: float = 0.2
+    evolution_generations: int = 64
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if self.n < 1 or self.pool < 1 or not self.seeds:
+            raise ValueError(f"need n >= 1, pool >= 1 and at least one seed, got n={self.n}, "
+                             f"pool={self.pool}, seeds={self.seeds}")
+
+
+def penalised(ensemble: EnsembleReward, lam: float) -> Callable[[Tensor], Tensor]:
+    """The lower confidence bound ``mean_m f̂_m(x) − λ·std_m f̂_m(x)`` of an ensemble."""
+    def f(z: Tensor) -> Tensor:
+        m = ensemble.members(z)
+        return m.mean(0) - lam * m.std(0) if lam else m.mean(0)
+    return f
+
+
+def rank_correlation(problem: SequenceProblem, reward: Callable[[Tensor], Tensor]) -> float:
+    """Spearman's ρ between f̂ and the oracle on ``problem.heldout``."""
+    from scipy.stats import spearmanr
+
+    h = problem.heldout
+    pred = pseudo_label(reward, problem.features(h)).numpy()
+    true = problem.oracle(h).double().numpy()
+    return float(spearmanr(pred, true).statistic)
+
+
+def evaluate(problem: SequenceProblem, candidates: Tensor, visible: set[bytes]) -> dict[str, Any]:
+    """Oracle metrics of the distinct candidates (first occurrences kept)."""
+    keys = B.seq_keys(candidates)
+    first = list({k: i for i, k in reversed(list(enumerate(keys)))}.values())
+    first.sort()
+    u = candidates[first]
+    s = problem.oracle(u).double().numpy()
+    feas = (problem.feasible(u).double().mean().item() if problem.feasible is not None else 1.0)
+    return {"p100": float(np.percentile(s, 100)), "p50": float(np.percentile(s, 50)),
+            "mean": float(s.mean()), "generated": len(candidates), "unique": len(u),
+            "duplicates": len(candidates) - len(u), "feasible": feas,
+            "novel": sum(keys[i] not in visible for i in first) / len(first),
+            "scores": s.tolist()}
+
+
+def _fit(problem_x: Tensor, problem_y: Tensor, problem: SequenceProblem, st: SuiteSettings,
+         seed: int) -> EnsembleReward:
+    return fit_reward(problem.features(problem_x), problem_y.float(), kind="mlp",
+                      ensemble=st.ensemble, seed=seed, **st.reward_kwargs)
+
+
+def _diffusion(x: Tensor, y: Tensor, reward: EnsembleReward, problem: SequenceProblem,
+               st: SuiteSettings, seed: int, progress: bool | None):
+    """The reward-conditioned model of every generative row (conditions: f̂'s pseudo-labels)."""
+    return reward_conditioned(None, problem.features(x), y.float(), reward=reward,
+                              relabel_labeled=True, cond_drop=0.15, cfg_scale=1.0,
+                              model_kwargs=st.model_kwargs, steps=st.diffusion_steps,
+                              batch_size=st.batch_size, sample_steps=st.sample_steps,
+                              sampler="ddpm", seed=seed, progress=progress)
+
+
+class _Generator:
+    """Samples of one trained model, cached per (guidance scale, size)."""
+
+    def __init__(self, res, problem: SequenceProblem, st: SuiteSettings, seed: int):
+        self.res, self.problem, self.st, self.seed = res, problem, st, seed
+        self._cache: dict[tuple[float, int], Tensor] = {}
+
+    def __call__(self, scale: float, size: int) -> Tensor:
+        key = (scale, size)
+        if key not in self._cache:
+            kw = ({"reward_scale": scale, "reward_target": "ascent",
+                   "reward_clip": self.st.reward_clip} if scale else {"reward_scale": 0.0})
+            z = self.res.generate("max", size, seed=self.seed, **kw)
+            self._cache[key] = to_integers(z.cpu(), self.problem.num_classes)
+        return self._cache[key]
+
+
+def _generative(name: str, gen: _Generator, reward: EnsembleReward, exclude: set[bytes],
+                problem: SequenceProblem, st: SuiteSettings, setting: dict[str, float]) -> Tensor:
+    n, pool = st.n, st.n * st.pool
+    if name == "RCD (tutorial)":
+        return gen(0.0, n)
+    if name == "RCD, novel only":
+        x = gen(0.0, pool)
+        return B.top_new(x, -torch.arange(len(x), dtype=torch.float64), n, exclude)
+    if name == "RCD + reward guidance":
+        return gen(setting["reward_scale"], n)
+    x = gen(setting["trust_scale"], pool)
+    lcb = penalised(reward, setting["penalty"])
+    score = pseudo_label(lcb, problem.features(x))
+    if name == "RCD trust region":
+        return B.top_new(x, score, n, exclude)
+    start = B.top_new(x, score, pool, set())  # distinct, best first
+    return B.evolution(lcb, start, pseudo_label(lcb, problem.features(start)),
+                       problem.num_classes, n, exclude, seed=gen.seed,
+                       generations=st.evolution_generations)
+
+
+def _baseline(name: str, reward: EnsembleReward, problem: SequenceProblem, st: SuiteSettings,
+              exclude: set[bytes], seed: int) -> Tensor | None:
+    C, L = problem.num_classes, problem.length
+    if name == "uniform random":
+        return B.uniform_random(st.n, L, C, seed)
+    if name == "enumeration":
+        return B.enumeration(reward, L, C, st.n, exclude) if problem.enumerable else None
+    if name == "gradient ascent":
+        return B.surrogate_gradient_ascent(reward, problem.x, problem.y, C, st.n)
+    return B.evolution(reward, problem.x, problem.y, C, st.n, exclude, seed=seed,
+                       generations=st.evolution_generations)
+
+
+def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleReward,
+           progress: bool | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The held-out-top selection of the guidance scale (RCD + reward guidance) and of the
+    trust region's (scale, λ), on the first seed's inner split."""
+    seed = st.seeds[0]
+    x_in, y_in = holdout_split(problem.x, problem.y, st.holdout)
+    f_in = _fit(x_in, y_in, problem, st, seed)
+    gen = _Generator(_diffusion(x_in, y_in, f_in, problem, st, seed, progress), problem, st, seed)
+    inner = set(B.seq_keys(x_in))
+    args = (x_in, validator, problem.features)
+    scale, t1 = select_setting(list(st.reward_scales), lambda s: gen(s, st.n), *args)
+    grid = [(s, lam) for lam in st.penalties for s in dict.fromkeys((0.0, *st.reward_scales))]
+    (ts, lam), t2 = select_setting(grid, lambda sl: _generative(
+        "RCD trust region", gen, f_in, inner, problem, st,
+        {"trust_scale": sl[0], "penalty": sl[1]}), *args)
+    table = [{"method": "RCD + reward guidance", **r} for r in t1] + \
+            [{"method": "RCD trust region", **r} for r in t2]
+    return {"reward_scale": scale, "trust_scale": ts, "penalty": lam}, table
+
+
+def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *,
+                progress: bool | None = None,
+                log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every method of ``st.methods`` on ``problem`` for every seed; returns the chosen settings,
+    the selection table, one record per (method, seed) (metrics of :func:`evaluate`, seconds)
+    and the rank correlation per seed. Seconds of a row count what it needs: the reward fit,
+    the diffusion training (and the selection run) for generative rows, its own generation."""
+    visible = set(B.seq_keys(problem.x))
+    records, rho, setting, sel_table = [], {}, {}, []
+    need_gen = any(m in GENERATIVE for m in st.methods)
+    t_select = 0.0
+    for k, seed in enumerate(st.seeds):
+        t0 = time.perf_counter()
+        f = _fit(problem.x, problem.y, problem, st, seed)
+        t_reward = time.perf_counter() - t0
+        rho[seed] = rank_correlation(problem, f)
+        if need_gen and k == 0:
+            t1 = time.perf_counter()
+            setting, sel_table = select(problem, st, f, progress)
+            t_select = time.perf_counter() - t1
+        gen, t_train = None, 0.0
+        if need_gen:
+            t1 = time.perf_counter()
+            gen = _Generator(_diffusion(problem.x, problem.y, f, problem, st, seed, progress),
+                             problem, st, seed)
+            t_train = time.perf_counter() - t1
+        for name in st.methods:
+            t2 = time.perf_counter()
+            if name in GENERATIVE:
+                x = _generative(name, gen, f, visible, problem, st, setting)
+                base = t_reward + t_train + t_select / len(st.seeds)
+            else:
+                x = _baseline(name, f, problem, st, visible, seed)
+                base = 0.0 if name == "uniform random" else t_reward
+            if x is None:
+                continue
+            rec = {"problem": problem.name, "method": name, "seed": seed,
+                   **evaluate(problem, x, visible),
+                   "seconds": base + time.perf_counter() - t2}
+            records.append(rec)
+            if log:
+                log(f"{problem.name} seed {seed} {name}: p100 {rec['p100']:.3f} p50 "
+                    f"{rec['p50']:.3f} novel {rec['novel']:.2f} dup {rec['duplicates']} "
+                    f"feasible {rec['feasible']:.2f}")
+    return {"problem": problem.name, "info": problem.info, "setting": setting,
+            "selection": sel_table, "rank_correlation": rho, "records": records,
+            "settings": dataclasses.asdict(st)}

@@ -1,0 +1,239 @@
+"""The offline sequence suite: baselines against brute force, the held-out-top selection, the
+metrics, the Ehrlich task against pytorch-holo, and a configured suite run end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from optidiff.optimize import baselines as B
+from optidiff.optimize import selection as S
+from optidiff.optimize import suite as U
+from optidiff.optimize.rewards import EnsembleReward, RidgeReward
+from optidiff.tasks.tfbind8 import to_integers, to_logits
+
+
+def _additive(C: int, L: int, seed: int = 0) -> tuple[torch.Tensor, object]:
+    """An additive score table w (L, C) and f̂ on logits equal to Σ_i w[i, x_i] (exact: the
+    logits are an affine function of the one-hot rows)."""
+    w = torch.randn(L, C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        x = to_integers(z, C)
+        return w.gather(1, x.T).sum(0).to(z.dtype)
+
+    return w, f
+
+
+def _problem(C: int = 3, L: int = 5, n_visible: int = 60) -> tuple[U.SequenceProblem, torch.Tensor]:
+    w, _ = _additive(C, L, seed=1)
+    allx = torch.tensor(list(itertools.product(range(C), repeat=L)))
+    score = w.gather(1, allx.T).sum(0)
+    order = torch.argsort(score)
+    vis = allx[order[:n_visible]]
+
+    def oracle(x: torch.Tensor) -> torch.Tensor:
+        s = w.gather(1, torch.as_tensor(x).long().T).sum(0)
+        return (s - score.min()) / (score.max() - score.min())
+
+    seen = set(B.seq_keys(vis))
+    held = torch.stack([x for x in allx if B.seq_keys(x[None])[0] not in seen])
+    return U.SequenceProblem("toy", vis, oracle(vis).float(), C, oracle, held), allx
+
+
+def test_relaxed_round_trips_for_any_alphabet():
+    x = torch.randint(20, (7, 6), generator=torch.Generator().manual_seed(0))
+    z = B.relaxed(x, 20)
+    assert z.shape == (7, 6 * 19)
+    assert torch.equal(to_integers(z, 20), x)
+    torch.testing.assert_close(z.reshape(7, 6, 19), to_logits(x, num_classes=20))
+
+
+def test_enumeration_is_the_brute_force_top_outside_the_visible_set():
+    C, L, n = 3, 4, 10
+    w, f = _additive(C, L)
+    allx = torch.tensor(list(itertools.product(range(C), repeat=L)))
+    s = w.gather(1, allx.T).sum(0)
+    best = allx[torch.argsort(s, descending=True)]
+    exclude = set(B.seq_keys(best[:3]))  # the three best are "visible"
+    out = B.enumeration(f, L, C, n, exclude)
+    assert torch.equal(out, best[3:3 + n])
+    with pytest.raises(ValueError, match="exceeds"):
+        B.enumeration(f, 30, 20, n, set())
+
+
+def test_uniform_random_is_seeded():
+    a, b = B.uniform_random(50, 8, 4, seed=3), B.uniform_random(50, 8, 4, seed=3)
+    assert torch.equal(a, b) and a.shape == (50, 8) and set(a.unique().tolist()) <= {0, 1, 2, 3}
+    assert not torch.equal(a, B.uniform_random(50, 8, 4, seed=4))
+    with pytest.raises(ValueError, match="n must be"):
+        B.uniform_random(0, 8, 4, seed=0)
+
+
+def test_evolution_reaches_the_known_optimum_of_an_additive_reward():
+    C, L = 4, 6
+    w, f = _additive(C, L, seed=2)
+    x = torch.randint(C, (300, L), generator=torch.Generator().manual_seed(0))
+    y = f(B.relaxed(x, C)).float()
+    opt = w.argmax(1)  # the optimum of an additive score, in closed form
+    out = B.evolution(f, x, y, C, 5, set(B.seq_keys(x)), seed=0, generations=40, particles=64)
+    assert torch.equal(out[0], opt)
+    assert not set(B.seq_keys(out)) & set(B.seq_keys(x))
+    again = B.evolution(f, x, y, C, 5, set(B.seq_keys(x)), seed=0, generations=40, particles=64)
+    assert torch.equal(out, again)
+
+
+def test_surrogate_gradient_ascent_moves_toward_a_linear_optimum():
+    C, L = 4, 5
+    w, _ = _additive(C, L, seed=3)
+    x = torch.randint(C, (200, L), generator=torch.Generator().manual_seed(1))
+    z = B.relaxed(x, C)
+    y = w.gather(1, x.T).sum(0).float()
+    ridge = RidgeReward.fit(z.double(), y.double(), alpha=1e-6)  # exact: y is linear in z
+    out = B.surrogate_gradient_ascent(ridge, x, y, C, 16, steps=100, lr=0.05)
+    assert out.shape == (16, L)
+    assert w.gather(1, out.T).sum(0).mean() > y.sort(descending=True).values[:16].mean()
+
+
+def test_holdout_split_and_selection_use_no_oracle():
+    x = torch.zeros(20, 3, dtype=torch.long)
+    x[:, 0] = torch.arange(20) % 2  # designs (0, 0, 0) and (1, 0, 0)
+    y = torch.arange(20, dtype=torch.float32)
+    xi, yi = S.holdout_split(x, y, 0.25)
+    assert torch.equal(yi, y[:15]) and torch.equal(xi, x[:15])
+    with pytest.raises(ValueError, match="holdout"):
+        S.holdout_split(x, y, 1.0)
+
+    def validator(z):  # f̂_val = the sum of the integer tokens
+        return to_integers(z, 4).sum(1).float()
+
+    feat = lambda s: B.relaxed(s, 4)
+    low = torch.zeros(4, 3, dtype=torch.long)
+    low[:, 1] = 1  # (0, 1, 0): new, validator value 1
+    cands = {"copy": xi[:4], "low": low, "high": torch.full((4, 3), 3)}
+    best, table = S.select_setting(["copy", "low", "high"], cands.__getitem__, xi, validator,
+                                   feat)
+    assert best == "high"
+    assert table[0]["validation_p50"] == -np.inf  # copying its data loses
+    assert table[1]["validation_p50"] == 1.0 and table[2]["validation_p50"] == 9.0
+
+
+def test_evaluate_deduplicates_and_counts_novelty_and_feasibility():
+    p, _ = _problem()
+    cands = torch.cat([p.x[:2], p.x[:2], p.heldout[-3:]])  # 2 visible twice, 3 new
+    p.feasible = lambda s: s[:, 0] != 0
+    m = U.evaluate(p, cands, set(B.seq_keys(p.x)))
+    assert (m["generated"], m["unique"], m["duplicates"]) == (7, 5, 2)
+    assert m["novel"] == pytest.approx(3 / 5)
+    u = torch.cat([p.x[:2], p.heldout[-3:]])
+    s = p.oracle(u).double().numpy()
+    assert m["p50"] == pytest.approx(np.percentile(s, 50)) and m["p100"] == pytest.approx(s.max())
+    assert m["feasible"] == pytest.approx(float((u[:, 0] != 0).double().mean()))
+
+
+def test_penalised_ensemble_is_a_lower_confidence_bound():
+    ms = [RidgeReward(3) for _ in range(3)]
+    for k, m in enumerate(ms):
+        m.bias.fill_(float(k))
+    ens = EnsembleReward(ms)
+    z = torch.zeros(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(U.penalised(ens, 0.0)(z), torch.ones(2, dtype=torch.float64))
+    torch.testing.assert_close(U.penalised(ens, 2.0)(z), torch.full((2,), 1.0 - 2.0,
+                                                                   dtype=torch.float64))
+
+
+def test_run_problem_every_method_on_a_tiny_space():
+    p, _ = _problem(C=3, L=5, n_visible=120)
+    st = U.SuiteSettings(n=8, seeds=(0,), ensemble=2, reward_kwargs={
+        "hidden": 16, "depth": 1, "steps": 150, "batch_size": 64}, diffusion_steps=30,
+        batch_size=32, model_kwargs={"hidden": 16, "depth": 1}, sample_steps=4, pool=2,
+        reward_scales=(0.0, 10.0), penalties=(0.0, 1.0), evolution_generations=3)
+    res = U.run_problem(p, st, progress=False)
+    methods = [r["method"] for r in res["records"]]
+    assert methods == list(U.METHODS)
+    assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty"}
+    assert len(res["selection"]) == 2 + 2 * 2  # scales (0, 10); trust: the same × λ (0, 1)
+    for r in res["records"]:
+        assert 1 <= r["unique"] <= 8 and 0 <= r["p50"] <= r["p100"] <= 1
+    enum = next(r for r in res["records"] if r["method"] == "enumeration")
+    assert enum["novel"] == 1.0 and enum["duplicates"] == 0
+    assert -1 <= res["rank_correlation"][0] <= 1
+    with pytest.raises(ValueError, match="unknown methods"):
+        U.SuiteSettings(methods=("magic",))
+
+
+# ------------------------------------------------------------------------------------ Ehrlich
+
+def test_ehrlich_task_matches_pytorch_holo():
+    pytest.importorskip("holo")
+    from holo.test_functions.closed_form import Ehrlich
+
+    from optidiff.tasks import make_task
+
+    task = make_task("ehrlich", lengths=[32], n_offline=256)
+    (p,) = task.problems()
+    ref = Ehrlich(num_states=20, dim=32, num_motifs=2, motif_length=4, quantization=4,
+                  random_seed=0)
+    torch.testing.assert_close(p.oracle(p.x), ref(p.x).double())
+    assert p.feasible(p.x).all() and (p.y <= p.info["threshold"]).all()
+    assert len(p.x) >= 128  # at or below the median: at least half
+    opt = ref.optimal_solution()
+    assert float(p.oracle(opt[None])) == 1.0
+    rnd = B.uniform_random(512, 32, 20, seed=0)
+    feas = p.feasible(rnd)
+    assert feas.double().mean() < 0.1  # random sequences are mostly infeasible ...
+    assert (p.oracle(rnd[~feas]) == 0).all()  # ... and score 0, not −inf
+    assert torch.isinf(ref(rnd[~feas])).all()
+    with pytest.raises(ValueError, match="Ehrlich sizes"):
+        make_task("ehrlich", lengths=[33])
+
+
+def test_ehrlich_suite_run_from_a_config(tmp_path):
+    pytest.importorskip("holo")
+    from optidiff.runs.offline import offline_command
+
+    cfg = tmp_path / "e.toml"
+    cfg.write_text('name = "e"\n[task]\nname = "ehrlich"\nlengths = [32]\nn_offline = 400\n'
+                   '[reward]\nkind = "mlp"\nensemble = 2\nhidden = 16\ndepth = 1\nsteps = 30\n'
+                   '[method]\nname = "suite"\n[suite]\nn = 8\nseeds = [0]\ndiffusion_steps = 20\n'
+                   'hidden = 16\ndepth = 1\nsample_steps = 3\npool = 2\nreward_scales = [10.0]\n'
+                   'penalties = [0.0]\nevolution_generations = 2\n')
+    out, run = offline_command(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
+    methods = {r["method"] for r in out["records"]}
+    assert "enumeration" not in methods and "evolution" in methods  # 20^32: no enumeration
+    assert {r["problem"] for r in out["table"]} == {"ehrlich L=32"}
+    assert (run.path / "plots" / "scores.png").is_file() and (run.path / "report.html").is_file()
+    events = {json.loads(line).get("event") for line in
+              (run.path / "metrics.jsonl").read_text().splitlines()}
+    assert events == {"candidates", "selection", "table"}
+
+
+@pytest.mark.parametrize("name", ["offline_tfbind8", "offline_tfsuite", "offline_ehrlich"])
+def test_example_offline_configs_validate(name):
+    from pathlib import Path
+
+    from optidiff.config import load_config
+    from optidiff.runs.offline import suite_settings
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / f"{name}.toml", "offline")
+    if cfg.method.name == "suite":  # the benchmark's settings
+        assert suite_settings(cfg).reward_kwargs["steps"] == U.SuiteSettings().reward_kwargs["steps"]
+        assert suite_settings(cfg).diffusion_steps == U.SuiteSettings().diffusion_steps
+
+
+def test_suite_config_errors(tmp_path):
+    from optidiff.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[task]\nname = "linear_subspace"\n[reward]\nkind = "mlp"\n[method]\n'
+                   'name = "suite"\n')
+    with pytest.raises(ConfigError, match="sequence task"):
+        load_config(cfg, "offline")
+    cfg.write_text('[task]\nname = "ehrlich"\n[reward]\nkind = "mlp"\n[method]\nname = "suite"\n'
+                   '[suite]\nmethods = ["magic"]\n')
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config(cfg, "offline")
