@@ -157,7 +157,7 @@ def _guidances(cfg: Config, x: torch.Tensor) -> dict[str, tuple[object, object]]
     labels = torch.randint(10, (len(x),), generator=g)
     return {"LookAhead": (od.guidance.LookAhead(direction, 1.0), None),
             "NaiveGradient": (od.guidance.NaiveGradient(direction, 1.0), None),
-            "DPS": (od.guidance.DPS(lambda x0: x0 @ operator, y_meas, zeta=1.0), None),
+            "DPS": (od.guidance.DPS(lambda x0: x0 @ operator, y_meas, scale=1.0), None),
             "ClassifierFree": (od.guidance.ClassifierFree(3.0), labels)}
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -469,11 +470,31 @@ def test_readme_config_is_valid():
 
     import tomllib
 
-    (block,) = _readme_blocks("toml")
+    (block,) = [b for b in _readme_blocks("toml") if "swiss_roll" in b]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)  # the README shows current spellings
         cfg = parse_config(tomllib.loads(block), "README.md")
     assert cfg.sampler.name == "ge" and cfg.task.params()["dataset"] == "swiss_roll"
+
+
+def test_readme_data_example_runs(tmp_path, monkeypatch):
+    """The README's data block (a memory-mapped file, a DataLoader, save/load) with 5 steps."""
+    (code,) = [b for b in _readme_blocks("python") if "mmap_mode" in b]
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec("import torch, optidiff as od\n" + code.replace("steps=500", "steps=5"), ns)
+    assert ns["res"].step == 5 and (tmp_path / "runs" / "ring").is_dir()
+
+
+def test_readme_plugin_config_is_valid():
+    import tomllib
+
+    from optidiff.plugins import search_path
+
+    (block,) = [b for b in _readme_blocks("toml") if "custom.model" in b]
+    with search_path(Path(cli.__file__).parents[2] / "examples"):
+        cfg = parse_config(tomllib.loads(block), "README.md")
+        assert cfg.model.kind == "custom.model:RingNet" and cfg.train.data == "custom.data:ring"
 
 
 # ------------------------------------------------------------------------------------- optimize

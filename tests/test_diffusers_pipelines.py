@@ -350,3 +350,23 @@ def test_algorithm2_finetunes_the_unet_on_latents(components):
     rg, rp = guided.curve("reward_mean"), plain.curve("reward_mean")
     assert rg[0] == rp[0]
     assert sum(rg[1:]) / 3 > sum(rp[1:]) / 3 + 0.003, (rg, rp)
+
+
+def test_readme_stable_diffusion_example_runs(components, monkeypatch):
+    """The README's Stable Diffusion block on the tiny pipeline (one round, few steps) instead of
+    weights from a local directory."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [b.split("\n", 1)[1] for b in text.split("```")[1::2]
+               if b.startswith("python\n") and "from_latent_pipeline" in b]
+    tiny = _pipe(diffusers.StableDiffusionPipeline, components, diffusers.DDIMScheduler(**SD_CONFIG))
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, path: tiny))
+    code = re.sub(r"rounds=\d+", "rounds=1", code.replace("ld.sigmas(50)", "ld.sigmas(4)"))
+    code = code.replace("num_inference_steps=10", "num_inference_steps=4")
+    ns: dict = {}
+    exec("import torch, optidiff as od\n" + code, ns)
+    assert ns["images"].shape == (4, 3, 16, 16) and torch.isfinite(ns["images"]).all()
+    assert len(ns["res"].history) == 2
