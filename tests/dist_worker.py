@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 
 import optidiff as od
-from optidiff import distributed
 
 out = Path(sys.argv[1])
 torch.distributed.init_process_group("gloo")

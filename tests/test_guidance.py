@@ -13,7 +13,6 @@ import torch
 
 import optidiff as od
 from optidiff import guidance as G
-from optidiff.classifiers import NoiseConditionalClassifier, train_classifier
 from optidiff.models import (
     GaussianDenoiser,
     GaussianMixtureDenoiser,
@@ -21,6 +20,7 @@ from optidiff.models import (
     TimeMLP,
 )
 from optidiff.models.analytic import SubspaceDenoiser
+from optidiff.models.classifiers import NoiseConditionalClassifier, train_classifier
 
 F64 = torch.float64
 SAMPLERS = ("ddim", "ddpm", "ge", "dpmpp_2m", "heun", "reverse_sde")
@@ -324,7 +324,7 @@ def test_classifier_guidance_with_exact_posterior_is_the_component_score():
     for sigma in (0.05, 0.5, 3.0):
         s = torch.tensor(sigma, dtype=F64)
         for k in range(3):
-            got = G.Classifier(_exact_class_logits(mix), y=k, s=1.0)(mix, x, s, None)
+            got = G.Classifier(_exact_class_logits(mix), y=k, scale=1.0)(mix, x, s, None)
             torch.testing.assert_close(got, mix.components[k](x, s), rtol=1e-9, atol=1e-11)
 
 
@@ -386,7 +386,7 @@ def test_trained_noise_conditional_classifier_guides_toward_its_class():
     assert acc > 0.97
     kw = {"batch_size": 1000, "sampler": "ddpm", "generator": _gen(7)}
     x0 = od.sample(mix, _grid(100, sigma_max=20.0), **kw)
-    x1 = od.sample(mix, _grid(100, sigma_max=20.0), guidance=G.Classifier(clf, y=1, s=1.0), **kw)
+    x1 = od.sample(mix, _grid(100, sigma_max=20.0), guidance=G.Classifier(clf, y=1, scale=1.0), **kw)
     assert 0.4 < (x0[:, 0] > 0).float().mean() < 0.6
     assert (x1[:, 0] > 0).float().mean() > 0.95
 
@@ -415,7 +415,7 @@ def test_dps_lands_near_exact_posterior_mean_of_linear_gaussian_problem(capsys):
                                                    y - H @ mean)
     kw = {"batch_size": n, "sampler": "ddpm", "generator": _gen(6), "dtype": F64}
     x0 = od.sample(model, _grid(200), **kw)
-    x1 = od.sample(model, _grid(200), guidance=G.DPS(lambda a: a @ H.T, y, zeta=3.0), **kw)
+    x1 = od.sample(model, _grid(200), guidance=G.DPS(lambda a: a @ H.T, y, scale=3.0), **kw)
     d0, d1 = float((x0.mean(0) - m_post).norm()), float((x1.mean(0) - m_post).norm())
     with capsys.disabled():
         print(f"\n[DPS] |mean - exact posterior mean|: unguided {d0:.4f}, DPS(zeta=3) {d1:.4f}")

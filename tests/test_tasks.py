@@ -13,8 +13,8 @@ from optidiff.rng import haar_orthogonal
 from optidiff.runs.demo import demo
 from optidiff.runs.optimize import optimize_command
 from optidiff.tasks import TASKS, make_task, task_class
-from optidiff.tasks.sphere import SphereTask
 from optidiff.tasks.base import SubspaceNetSpec
+from optidiff.tasks.sphere import SphereTask
 from optidiff.tasks.subspace import NetworkSpec, SubspaceTask, pretrained_network
 
 
