@@ -436,6 +436,8 @@ def _loop(model, objective, sigmas, *, rank, world, rounds, batch_size, incremen
             extra["target_correction"] = corr
         finish(k + 1, z, rewards, best, at_mean, y, t0, extra)
         bar.set_postfix(reward=f"{history[-1]['reward_mean']:.4g}")
+    if rdir is not None:
+        distributed.barrier()  # no rank returns before rank 0 has written the run directory
     return OptimizeResult(history=history, samples=z, rewards=rewards, best_samples=best[0],
                           best_rewards=best[1], model=model, objective=objective, run_dir=rdir)
 
