@@ -255,9 +255,11 @@ def load_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict]:
 
 
 def set_generator_state(generator: torch.Generator, state: Tensor) -> None:
-    """``generator.set_state(state)``; a state of the wrong kind is a :class:`CheckpointError`."""
+    """``generator.set_state(state)``; a state of the wrong kind is a :class:`CheckpointError`.
+    (A copy: torch 2.x crashes on a state that is a view into a larger tensor, such as one row of
+    a stack of per-rank states.)"""
     try:
-        generator.set_state(state.to(torch.uint8).cpu())
+        generator.set_state(state.to(torch.uint8).cpu().clone())
     except (RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"generator state does not fit a {generator.device} generator: "
                               f"{e}") from None

@@ -10,13 +10,19 @@ CUDA with device ``cuda:LOCAL_RANK``). Then
   rank; so the gathered result equals one process drawing the shards one after the other with
   the same streams;
 - ``od.optimize.gradient_guided`` and ``adaptive`` sample, score and differentiate the objective
-  on each rank's shard, gather the round's samples and rewards for the records (written by rank 0
-  only), and fine-tune (Algorithm 2) with gradients averaged across ranks.
+  on each rank's shard with the rank's own stream, gather the round's samples, rewards and
+  targets for the records (the same on every rank, written by rank 0 only), and fine-tune
+  (Algorithm 2) under DistributedDataParallel (see :func:`optidiff.optimize.gradient_guided`).
+
+Launch a script that calls them with ``torchrun --nproc-per-node 2 script.py`` (one node; add
+``--nnodes``/``--rdzv-endpoint`` for several).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from . import rng
 
-__all__ = ["gather", "init", "rank_seed", "rank_world", "shard"]
+__all__ = ["barrier", "broadcast", "gather", "init", "rank_seed", "rank_world", "session", "shard"]
 
 
 def init(device: torch.device) -> tuple[int, int, bool, torch.device]:
@@ -39,6 +45,24 @@ def init(device: torch.device) -> tuple[int, int, bool, torch.device]:
         created = True
     rank, world = rank_world()
     return rank, world, created, device
+
+
+@contextlib.contextmanager
+def session(device: torch.device) -> Iterator[tuple[int, int, torch.device]]:
+    """``with session(device) as (rank, world, device)``: :func:`init`, and the process group
+    destroyed on exit if this call created it."""
+    rank, world, created, device = init(device)
+    try:
+        yield rank, world, device
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing on a single process)."""
+    if rank_world()[1] > 1:
+        dist.barrier()
 
 
 def rank_world() -> tuple[int, int]:
@@ -77,3 +101,14 @@ def gather(x: Tensor) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return torch.cat([p[:int(s)] for p, s in zip(parts, sizes.tolist())]).to(x.device)
+
+
+def broadcast(x: Tensor | None, like: Tensor) -> Tensor:
+    """Rank 0's ``x`` (converted to the dtype and device of ``like``) on every rank; the other
+    ranks pass ``None`` and ``like`` gives the shape (a single process returns ``x``)."""
+    if rank_world()[1] == 1:
+        return x
+    buf = x.to(like).reshape(like.shape).clone() if x is not None else torch.empty_like(like)
+    comm = buf if dist.get_backend() != "nccl" else buf.cuda()
+    dist.broadcast(comm, 0)
+    return comm.to(like.device)

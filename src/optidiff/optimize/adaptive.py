@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..models.analytic import GaussianDenoiser
 from .gradient_guided import Metrics, OptimizeResult, run_loop
 from .objectives import Objective
@@ -115,6 +116,7 @@ class DSMFinetune:
         self.optimizer_name, self.weight_decay, self.betas = optimizer, weight_decay, betas
         self.sigmas = None if sigmas is None else torch.as_tensor(sigmas)
         self.opt: torch.optim.Optimizer | None = None
+        self._net: torch.nn.Module | None = None
         self._pending: dict | None = None
         self.last_loss: float | None = None
 
@@ -127,9 +129,30 @@ class DSMFinetune:
         cls = torch.optim.AdamW if self.optimizer_name == "adamw" else torch.optim.Adam
         return cls(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
 
+    def loss(self, model: Any, data: Tensor, weights: Tensor, n: int,
+             generator: torch.Generator) -> Tensor:
+        """One minibatch's DSM loss: ``od.dsm_loss`` on ``n`` rows of ``data`` drawn with
+        replacement with probability ∝ ``weights``, σ uniform over the table (all from
+        ``generator``)."""
+        from ..training import dsm_loss
+        idx = torch.multinomial(weights.to(torch.float64).to(generator.device), n,
+                                replacement=True, generator=generator)
+        x0 = data[idx.to(data.device)]
+        j = torch.randint(len(self.sigmas), (n,), generator=generator, device=generator.device)
+        sigma = self.sigmas.to(device=data.device, dtype=data.dtype)[j.to(data.device)]
+        return dsm_loss(model, x0, sigma, generator=generator)
+
+    def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` wrapped in DistributedDataParallel (built once per model: DDP broadcasts rank
+        0's weights when it wraps, then averages the gradients of every step)."""
+        if self._net is None or self._net.module is not model:
+            dev = next(model.parameters()).device
+            self._net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        return self._net
+
     def __call__(self, model: Any, data: Tensor, weights: Tensor,
                  generator: torch.Generator | None) -> Any:
-        from ..training import dsm_loss
         if self.opt is None:
             self.opt = self._make_opt(model)
             if self._pending is not None:
@@ -137,22 +160,26 @@ class DSMFinetune:
                 self._pending = None
         if self.sigmas is None:
             raise ValueError("DSMFinetune needs sigmas (a table of training noise levels)")
-        sig_table = self.sigmas.to(device=data.device, dtype=data.dtype)
         bs = self.batch_size or len(data)
+        rank, world = distributed.rank_world()
+        if bs < world:
+            raise ValueError(f"the fine-tuning minibatch of {bs} cannot be shared out over "
+                             f"{world} ranks")
+        rows = distributed.shard(bs, rank, world)
+        n = rows.stop - rows.start
+        net = model if world == 1 else self._ddp(model)
         was_training = model.training
         model.train()
         for _ in range(self.steps):
-            idx = torch.multinomial(weights.to(torch.float64).to(generator.device), bs,
-                                    replacement=True, generator=generator)
-            x0 = data[idx.to(data.device)]
-            j = torch.randint(len(sig_table), (bs,), generator=generator, device=generator.device)
-            sigma = sig_table[j.to(data.device)]
             with torch.enable_grad():
-                loss = dsm_loss(model, x0, sigma, generator=generator)
+                loss = self.loss(net, data, weights, n, generator)
                 self.opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages the ranks' gradients: weighting rank r by n_r·world/bs makes the
+                # average the gradient of the whole minibatch's mean loss
+                (loss if world == 1 else loss * (n * world / bs)).backward()
             self.opt.step()
-            self.last_loss = loss.item()
+            self.last_loss = (loss.item() if world == 1 else
+                              distributed.gather((loss.detach() * (n / bs)).reshape(1)).sum().item())
         model.train(was_training)
         return model
 

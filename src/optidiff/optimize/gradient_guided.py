@@ -47,6 +47,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
+from .. import distributed, rng
 from ..sampling import progress_off, sample
 from . import delivered as dlv
 from .objectives import Objective, as_objective
@@ -156,13 +157,16 @@ def _flatdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _targets(objective: Objective, z: Tensor, rewards: Tensor, gradient_at: str,
-             increment: float | None, target: float | None, reward_at_mean: Tensor | None
-             ) -> tuple[Tensor, Tensor]:
-    """(g, y) of the next round: per sample ``g (B, *dims), y (B,)`` or at the mean ``g (*dims),
-    y ()`` (gradient queries happen here)."""
+             increment: float | None, target: float | None, reward_at_mean: Tensor | None,
+             batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(g, y) of the next round: per sample ``g (n, *dims), y (n,)`` for the rows ``z`` (this
+    rank's shard) or at the mean ``g (*dims), y ()`` of ``batch`` (the whole batch, default
+    ``z``; under torchrun rank 0 queries ∇f(z̄) and sends it to every rank). Gradient queries
+    happen here."""
     if gradient_at == "mean":
-        zbar = z.mean(0, keepdim=True)
-        g = objective.grad(zbar)
+        zbar = (z if batch is None else batch).mean(0, keepdim=True)
+        rank = distributed.rank_world()[0]
+        g = distributed.broadcast(objective.grad(zbar) if rank == 0 else None, zbar)
         lin = _flatdot(g, zbar)
         y = lin + increment if increment is not None else target - reward_at_mean.view(1) + lin
         return g[0], y[0]
@@ -172,7 +176,7 @@ def _targets(objective: Objective, z: Tensor, rewards: Tensor, gradient_at: str,
     return g, y
 
 
-def _record(k: int, z: Tensor, rewards: Tensor, objective: Objective, top_k: int,
+def _record(k: int, z: Tensor, rewards: Tensor, queries: dict[str, int], top_k: int,
             metrics: Metrics | None, reward_at_mean: Tensor | None, y: Tensor | None,
             seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
     kk = min(top_k, len(rewards))
@@ -184,7 +188,7 @@ def _record(k: int, z: Tensor, rewards: Tensor, objective: Objective, top_k: int
         "reward_top_k": rewards.topk(kk).values.mean().item(),
         "reward_at_mean": None if reward_at_mean is None else reward_at_mean.item(),
         "target_mean": None if y is None else y.float().mean().item(),
-        **objective.queries,
+        **queries,
         "seconds": seconds,
     }
     for key, val in extra.items():
@@ -225,6 +229,46 @@ def _config_json(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _open_run(rdir: Path, config: dict[str, Any], resume: bool
+              ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """(state, history) of the run in ``rdir`` (None, [] for a new run); reads only."""
+    state = ckpt.load_state(rdir / "state")[0] if ckpt.has_checkpoint(rdir / "state") else None
+    if state is None:
+        return None, []
+    if not resume:
+        raise FileExistsError(f"{rdir} already holds an optimization run (round "
+                              f"{state['round']}); pass resume=True to continue it or choose "
+                              "a new run_dir")
+    old = ckpt.read_json(rdir / "config.json")
+    diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+    if diff:
+        raise ValueError(f"cannot resume {rdir}: settings differ from the saved run in "
+                         f"{', '.join(f'{k} ({old.get(k)!r} -> {config.get(k)!r})' for k in diff)}")
+    start = int(state["round"])
+    history = [r for r in ckpt.read_jsonl(rdir / "metrics.jsonl")
+               if isinstance(r.get("round"), int) and r["round"] <= start]
+    if len(history) != start + 1:
+        raise ckpt.CheckpointError(f"{rdir / 'metrics.jsonl'}: holds {len(history)} round "
+                                   f"records up to round {start}, expected {start + 1}")
+    return state, history
+
+
+_QUERIES = ("value_queries", "grad_queries")
+
+
+def _totals(objective: Objective, seconds: float, world: int
+            ) -> tuple[dict[str, int], float, Tensor | None]:
+    """(queries summed over the ranks, seconds of the slowest rank, the per-rank query counts
+    ``(world, 2)``; None on a single process)."""
+    if world == 1:
+        return objective.queries, seconds, None
+    row = torch.tensor([[objective.value_queries, objective.grad_queries, seconds]],
+                       dtype=torch.float64)
+    parts = distributed.gather(row)
+    counts = parts[:, :2].long()
+    return dict(zip(_QUERIES, counts.sum(0).tolist())), parts[:, 2].max().item(), counts
+
+
 def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, batch_size: int,
              increment: float | None, target: float | None, guidance: Any, gradient_at: str,
              noise_std: float, beta: Any, sampler: str, sampler_kwargs: dict | None, top_k: int,
@@ -234,18 +278,48 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
              target_rule: str = "plain", max_correction: float = 2.0,
              updater: Any = None, algorithm: str = "gradient_guided",
              config: dict[str, Any] | None = None) -> OptimizeResult:
-    """The loop shared by Algorithms 1 and 2 (``updater``: Algorithm 2's fine-tuning step)."""
+    """The loop shared by Algorithms 1 and 2 (``updater``: Algorithm 2's fine-tuning step), on one
+    process or under torchrun (see :func:`gradient_guided`, "Distributed")."""
     _check_args(rounds, batch_size, increment, target, guidance, gradient_at, noise_std, top_k,
                 run_dir, resume, target_rule, max_correction)
     objective = as_objective(objective)
-    if generator is None:
-        generator = torch.Generator(device=device or "cpu").manual_seed(0 if seed is None else seed)
+    with distributed.session(torch.device(device if device is not None else "cpu")) as (
+            rank, world, dev):
+        if world > 1:
+            device = dev if device is not None else None
+            if batch_size < world:
+                raise ValueError(f"batch_size={batch_size} cannot be shared out over {world} ranks")
+            if generator is not None:
+                raise ValueError("under torchrun give seed= (not generator=): every rank draws "
+                                 "its own stream, seeded rank_seed(seed, rank)")
+            generator = rng.generator(distributed.rank_seed(0 if seed is None else seed, rank),
+                                      device or "cpu")
+        elif generator is None:
+            generator = torch.Generator(device=device or "cpu").manual_seed(
+                0 if seed is None else seed)
+        return _loop(model, objective, sigmas, rank=rank, world=world, rounds=rounds,
+                     batch_size=batch_size, increment=increment, target=target,
+                     guidance=guidance, gradient_at=gradient_at, noise_std=noise_std, beta=beta,
+                     sampler=sampler, sampler_kwargs=sampler_kwargs, top_k=top_k,
+                     metrics=metrics, run_dir=run_dir, resume=resume, save_samples=save_samples,
+                     generator=generator, dtype=dtype, device=device, progress=progress,
+                     target_rule=target_rule, max_correction=max_correction, updater=updater,
+                     algorithm=algorithm, config=config)
+
+
+def _loop(model, objective, sigmas, *, rank, world, rounds, batch_size, increment, target,
+          guidance, gradient_at, noise_std, beta, sampler, sampler_kwargs, top_k, metrics,
+          run_dir, resume, save_samples, generator, dtype, device, progress, target_rule,
+          max_correction, updater, algorithm, config) -> OptimizeResult:
     skw = dict(sampler_kwargs or {})
     skw.setdefault("sampler", sampler)
+    rows = distributed.shard(batch_size, rank, world)  # this rank's rows of every round
 
-    def draw(guid) -> Tensor:
-        return sample(model, sigmas, batch_size=batch_size, guidance=guid, generator=generator,
-                      dtype=dtype, device=device, **skw)
+    def draw(guid) -> tuple[Tensor, Tensor]:
+        """(this rank's shard, the whole batch gathered in rank order)."""
+        mine = sample(model, sigmas, batch_size=rows.stop - rows.start, guidance=guid,
+                      generator=generator, dtype=dtype, device=device, distributed=False, **skw)
+        return mine, distributed.gather(mine)
 
     config = _config_json({"algorithm": algorithm, "batch_size": batch_size, "increment": increment,
                            "target": target, "guidance": guidance, "gradient_at": gradient_at,
@@ -253,29 +327,24 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
                            "top_k": top_k, "target_rule": target_rule,
                            "max_correction": max_correction,
                            "sigmas": [float(v) for v in torch.as_tensor(sigmas).tolist()],
-                           **(config or {})})
+                           **(config or {}), **({"world_size": world} if world > 1 else {})})
     rdir = Path(run_dir) if run_dir is not None else None
-    history: list[dict[str, Any]] = []
-    state = None
-    if rdir is not None:
-        rdir.mkdir(parents=True, exist_ok=True)
-        (rdir / "samples").mkdir(exist_ok=True)
-        state = ckpt.load_state(rdir / "state")[0] if ckpt.has_checkpoint(rdir / "state") else None
-        if state is not None and not resume:
-            raise FileExistsError(f"{rdir} already holds an optimization run (round "
-                                  f"{state['round']}); pass resume=True to continue it or choose "
-                                  "a new run_dir")
-        if state is not None:
-            old = ckpt.read_json(rdir / "config.json")
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            if diff:
-                raise ValueError(f"cannot resume {rdir}: settings differ from the saved run in "
-                                 f"{', '.join(f'{k} ({old.get(k)!r} -> {config.get(k)!r})' for k in diff)}")
-        else:
+    state, history = _open_run(rdir, config, resume) if rdir is not None else (None, [])
+    distributed.barrier()  # every rank has read the run directory before rank 0 writes to it
+    writer = rdir is not None and rank == 0
+    if writer:
+        (rdir / "samples").mkdir(parents=True, exist_ok=True)
+        if state is None:
             ckpt.write_text(rdir / "config.json", json.dumps(config, indent=1))
+        else:
+            ckpt.write_jsonl(rdir / "metrics.jsonl", history)
 
-    def save(k: int, z: Tensor, rewards: Tensor, best: tuple[Tensor, Tensor]) -> None:
+    def save(k: int, z: Tensor, rewards: Tensor, best: tuple[Tensor, Tensor],
+             counts: Tensor | None) -> None:
         if rdir is None:
+            return
+        gens = distributed.gather(generator.get_state()[None]) if world > 1 else None
+        if not writer:
             return
         if save_samples:
             ckpt.save_tensors(rdir / "samples" / f"round_{k:05d}.safetensors",
@@ -283,7 +352,9 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         ckpt.append_jsonl(rdir / "metrics.jsonl", history[-1])
         st = {"round": k, "z": z, "z0": z0, "rewards": rewards, "best_samples": best[0],
               "best_rewards": best[1], "generator": generator.get_state(),
-              "queries": objective.queries}
+              "queries": {q: history[-1][q] for q in _QUERIES}}
+        if world > 1:  # every rank's stream and query counts, row r for rank r
+            st.update(generators=gens, rank_queries=counts)
         if updater is not None:
             st["model"] = dict(model.state_dict())
             st["updater"] = updater.state_dict()
@@ -295,46 +366,59 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
         idx = allr.topk(min(top_k, len(allr))).indices
         return allz[idx], allr[idx]
 
-    def score(z: Tensor) -> tuple[Tensor, Tensor | None]:
-        rewards = objective.value(z)
-        at_mean = objective.value(z.mean(0, keepdim=True))[0] if gradient_at == "mean" else None
+    def score(mine: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(f of the whole batch, f(z̄) with gradient_at="mean"): each rank scores its shard, rank
+        0 the batch mean."""
+        rewards = distributed.gather(objective.value(mine))
+        at_mean = None
+        if gradient_at == "mean":
+            at_mean = distributed.broadcast(
+                objective.value(z.mean(0, keepdim=True))[0] if rank == 0 else None, rewards[0])
         return rewards, at_mean
+
+    def finish(k, z, rewards, best, at_mean, y, t0, extra) -> None:
+        queries, seconds, counts = _totals(objective, time.perf_counter() - t0, world)
+        history.append(_record(k, z, rewards, queries, top_k, metrics, at_mean, y, seconds,
+                               extra))
+        save(k, z, rewards, best, counts)
 
     if state is not None:
         start = int(state["round"])
         if start > rounds:
             raise ValueError(f"{rdir} already ran {start} rounds, more than rounds={rounds}")
         z, rewards = state["z"].to(device=device or "cpu"), state["rewards"].to(device or "cpu")
+        mine = z[rows]
         z0 = state["z0"].to(z)
         best = (state["best_samples"].to(z), state["best_rewards"].to(rewards))
-        generator.set_state(state["generator"])
-        objective.load_queries(state["queries"])
+        if world > 1:
+            ckpt.set_generator_state(generator, state["generators"][rank])
+            objective.load_queries(dict(zip(_QUERIES, state["rank_queries"][rank].tolist())))
+        else:
+            generator.set_state(state["generator"])
+            objective.load_queries(state["queries"])
         if updater is not None:
             model.load_state_dict(state["model"])
             updater.load_state_dict(state["updater"])
-        history = [r for r in ckpt.read_jsonl(rdir / "metrics.jsonl")
-                   if isinstance(r.get("round"), int) and r["round"] <= start]
-        if len(history) != start + 1:
-            raise ckpt.CheckpointError(f"{rdir / 'metrics.jsonl'}: holds {len(history)} round "
-                                       f"records up to round {start}, expected {start + 1}")
-        ckpt.write_jsonl(rdir / "metrics.jsonl", history)
         at_mean = (torch.tensor(history[-1]["reward_at_mean"], dtype=rewards.dtype)
                    if gradient_at == "mean" else None)
     else:
         t0 = time.perf_counter()
-        z = z0 = draw(None)
-        rewards, at_mean = score(z)
+        mine, z = draw(None)
+        z0 = z
+        rewards, at_mean = score(mine, z)
         best = update_best(None, z, rewards)
         extra = updater.round_info() if updater is not None else {}
-        history.append(_record(0, z, rewards, objective, top_k, metrics, at_mean, None,
-                               time.perf_counter() - t0, extra))
-        save(0, z, rewards, best)
+        finish(0, z, rewards, best, at_mean, None, t0, extra)
         start = 0
 
-    bar = tqdm(range(start, rounds), desc=algorithm, disable=progress_off(progress), leave=False)
+    bar = tqdm(range(start, rounds), desc=algorithm, leave=False,
+               disable=True if rank != 0 else progress_off(progress))
     for k in bar:
         t0 = time.perf_counter()
-        g, y_plain = _targets(objective, z, rewards, gradient_at, increment, target, at_mean)
+        g, y_plain = _targets(objective, mine, rewards[rows], gradient_at, increment, target,
+                              at_mean, batch=z)
+        if gradient_at == "sample":  # the whole batch's targets, for the round statistics
+            g, y_plain = distributed.gather(g), distributed.gather(y_plain)
         rho = dlv.exact_fraction(g, z0, noise_std)
         y, corr = y_plain, None
         if target_rule == "corrected":
@@ -342,17 +426,18 @@ def run_loop(model: Any, objective: Objective, sigmas: Tensor, *, rounds: int, b
                 "delivered_fraction"), max_correction)
         if updater is not None:
             model = updater.step(model, k, z, generator)
-        z = draw(make_guidance(guidance, g, y, beta=beta, noise_std=noise_std))
-        rewards, at_mean = score(z)
+        mine_g, mine_y = (g[rows], y[rows]) if gradient_at == "sample" else (g, y)
+        mine, z = draw(make_guidance(guidance, mine_g, mine_y, beta=beta, noise_std=noise_std))
+        rewards, at_mean = score(mine, z)
         best = update_best(best, z, rewards)
         extra = updater.round_info() if updater is not None else {}
         extra.update(_delivery(g, y, y_plain, z, z0, rho, increment, rewards.mean().item()))
         if corr is not None:
             extra["target_correction"] = corr
-        history.append(_record(k + 1, z, rewards, objective, top_k, metrics, at_mean, y,
-                               time.perf_counter() - t0, extra))
-        save(k + 1, z, rewards, best)
+        finish(k + 1, z, rewards, best, at_mean, y, t0, extra)
         bar.set_postfix(reward=f"{history[-1]['reward_mean']:.4g}")
+    if rdir is not None:
+        distributed.barrier()  # no rank returns before rank 0 has written the run directory
     return OptimizeResult(history=history, samples=z, rewards=rewards, best_samples=best[0],
                           best_rewards=best[1], model=model, objective=objective, run_dir=rdir)
 
