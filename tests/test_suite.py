@@ -207,7 +207,7 @@ def test_run_problem_every_method_on_a_tiny_space():
         assert 1 <= r["unique"] <= 8 and 0 <= r["p50"] <= r["p100"] <= 1
     enum = next(r for r in res["records"] if r["method"] == "enumeration")
     assert enum["novel"] == 1.0 and enum["duplicates"] == 0
-    assert -1 <= res["rank_correlation"][0] <= 1
+    assert -1 <= res["rank_correlation"][0] <= 1 and -1 <= res["prior_rank_correlation"][0] <= 1
     with pytest.raises(ValueError, match="unknown methods"):
         U.SuiteSettings(methods=("magic",))
 

@@ -140,7 +140,8 @@ def penalised(ensemble: EnsembleReward, lam: float) -> Callable[[Tensor], Tensor
 
 
 def rank_correlation(problem: SequenceProblem, reward: Callable[[Tensor], Tensor]) -> float:
-    """Spearman's ρ between f̂ and the oracle on ``problem.heldout``."""
+    """Spearman's ρ between f̂ (or any score of the relaxed features, e.g. the prior's
+    log-density) and the oracle on ``problem.heldout``."""
     from scipy.stats import spearmanr
 
     h = problem.heldout
@@ -196,11 +197,14 @@ class PriorObjective:
         self._stats = [(float(v.mean()), float(v.std()) or 1.0) for v in (f, lp)]
         self._space: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _raw(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def density(self, z: Tensor) -> Tensor:
+        """The unstandardised log p̂ of relaxed features (float64)."""
         from .likelihood import log_density
 
-        return (pseudo_label(self.reward, z).double(),
-                log_density(self.model, z, levels=self.levels, seed=self.seed, cond=math.nan))
+        return log_density(self.model, z, levels=self.levels, seed=self.seed, cond=math.nan)
+
+    def _raw(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return pseudo_label(self.reward, z).double(), self.density(z)
 
     def _z(self, z: Tensor) -> tuple[Tensor, Tensor]:
         (mf, sf), (ml, sl) = self._stats
@@ -325,10 +329,11 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every method of ``st.methods`` on ``problem`` for every seed; returns the chosen settings,
     the selection table, one record per (method, seed) (metrics of :func:`evaluate`, seconds)
-    and the rank correlation per seed. Seconds of a row count what it needs: the reward fit,
+    and the rank correlation with the oracle per seed of f̂ and (with "RCD prior-regularised")
+    of the diffusion prior's log-density. Seconds of a row count what it needs: the reward fit,
     the diffusion training (and the selection run) for generative rows, its own generation."""
     visible = set(B.seq_keys(problem.x))
-    records, rho, setting, sel_table = [], {}, {}, []
+    records, rho, rho_prior, setting, sel_table = [], {}, {}, {}, []
     need_gen = any(m in GENERATIVE for m in st.methods)
     t_select = 0.0
     for k, seed in enumerate(st.seeds):
@@ -346,6 +351,8 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
             gen = _Generator(_diffusion(problem.x, problem.y, f, problem, st, seed, progress),
                              problem, st, seed, problem.x, problem.y)
             t_train = time.perf_counter() - t1
+            if "RCD prior-regularised" in st.methods:
+                rho_prior[seed] = rank_correlation(problem, gen.prior(f).density)
         for name in st.methods:
             t2 = time.perf_counter()
             if name in GENERATIVE:
@@ -365,5 +372,6 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
                     f"{rec['p50']:.3f} novel {rec['novel']:.2f} dup {rec['duplicates']} "
                     f"feasible {rec['feasible']:.2f}")
     return {"problem": problem.name, "info": problem.info, "setting": setting,
-            "selection": sel_table, "rank_correlation": rho, "records": records,
+            "selection": sel_table, "rank_correlation": rho,
+            "prior_rank_correlation": rho_prior, "records": records,
             "settings": dataclasses.asdict(st)}
