@@ -146,6 +146,51 @@ def test_penalised_ensemble_is_a_lower_confidence_bound():
                                                                    dtype=torch.float64))
 
 
+def test_log_density_matches_the_gaussian_closed_form():
+    """The denoising bound of the exact Gaussian denoiser is log N(x; μ, Σ) up to a constant."""
+    from optidiff.models.analytic import GaussianDenoiser
+    from optidiff.optimize.likelihood import log_density
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    m = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    d = GaussianDenoiser(m, a @ a.T + 0.3 * torch.eye(3, dtype=torch.float64))
+    x = m + 1.5 * torch.randn(6, 3, generator=g, dtype=torch.float64)
+    est = log_density(d, x, sigma_min=1e-3, sigma_max=1e3, levels=48)
+    ref = d.log_density(x, torch.tensor(0.0, dtype=torch.float64))
+    assert float(ref.max() - ref.min()) > 5  # a spread of several nats to match
+    # antithetic pairs + shared noise: exact for a Gaussian up to quadrature and float32
+    torch.testing.assert_close(est - est[0], ref - ref[0], atol=5e-3, rtol=0)
+    assert torch.equal(est, log_density(d, x, sigma_min=1e-3, sigma_max=1e3, levels=48))
+    with pytest.raises(ValueError, match="sigma_min"):
+        log_density(d, x, sigma_min=0.0)
+    with pytest.raises(ValueError, match="levels"):
+        log_density(d, x, levels=1)
+
+
+def test_prior_objective_standardises_surrogate_and_density():
+    """J_β = z(f̂) + β·z(log p̂): both terms standardised on the reference set; the density term
+    follows the exact log-density of a Gaussian prior; β = 0 ranks as enumeration does."""
+    from optidiff.models.analytic import GaussianDenoiser
+
+    p, allx = _problem(C=3, L=4, n_visible=40)
+    _, f = _additive(3, 4, seed=2)
+    z = p.features(p.x).double()
+    d = GaussianDenoiser(z.mean(0), torch.cov(z.T) + 0.1 * torch.eye(z.shape[1]))
+    obj = U.PriorObjective(f, d, 3, p.x, levels=24, seed=0)
+    tf, tl = obj.terms(p.x)
+    for t in (tf, tl):
+        assert abs(float(t.mean())) < 1e-6 and float(t.std()) == pytest.approx(1.0)
+    x, sf, sl = obj.space(4)
+    assert torch.equal(x, allx)
+    from scipy.stats import spearmanr
+    exact = d.log_density(p.features(x).double(), torch.tensor(0.0, dtype=torch.float64))
+    assert spearmanr(sl.numpy(), exact.numpy()).statistic > 0.95
+    torch.testing.assert_close(obj.of(0.5)(p.features(x)), sf + 0.5 * sl)
+    visible = set(B.seq_keys(p.x))
+    assert torch.equal(B.top_new(x, sf, 8, visible), B.enumeration(f, 4, 3, 8, visible))
+
+
 def test_run_problem_every_method_on_a_tiny_space():
     p, _ = _problem(C=3, L=5, n_visible=120)
     st = U.SuiteSettings(n=8, seeds=(0,), ensemble=2, reward_kwargs={
@@ -155,13 +200,14 @@ def test_run_problem_every_method_on_a_tiny_space():
     res = U.run_problem(p, st, progress=False)
     methods = [r["method"] for r in res["records"]]
     assert methods == list(U.METHODS)
-    assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty"}
-    assert len(res["selection"]) == 2 + 2 * 2  # scales (0, 10); trust: the same × λ (0, 1)
+    assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty", "prior_weight"}
+    # scales (0, 10); trust: the same × λ (0, 1); prior weights (0, 0.1, 0.25, 0.5)
+    assert len(res["selection"]) == 2 + 2 * 2 + 4
     for r in res["records"]:
         assert 1 <= r["unique"] <= 8 and 0 <= r["p50"] <= r["p100"] <= 1
     enum = next(r for r in res["records"] if r["method"] == "enumeration")
     assert enum["novel"] == 1.0 and enum["duplicates"] == 0
-    assert -1 <= res["rank_correlation"][0] <= 1
+    assert -1 <= res["rank_correlation"][0] <= 1 and -1 <= res["prior_rank_correlation"][0] <= 1
     with pytest.raises(ValueError, match="unknown methods"):
         U.SuiteSettings(methods=("magic",))
 
@@ -201,10 +247,13 @@ def test_ehrlich_suite_run_from_a_config(tmp_path):
                    '[reward]\nkind = "mlp"\nensemble = 2\nhidden = 16\ndepth = 1\nsteps = 30\n'
                    '[method]\nname = "suite"\n[suite]\nn = 8\nseeds = [0]\ndiffusion_steps = 20\n'
                    'hidden = 16\ndepth = 1\nsample_steps = 3\npool = 2\nreward_scales = [10.0]\n'
-                   'penalties = [0.0]\nevolution_generations = 2\n')
+                   'penalties = [0.0]\nprior_weights = [0.0, 0.5]\nlikelihood_levels = 4\n'
+                   'evolution_generations = 2\n')
     out, run = offline_command(cfg, tmp_path / "run", progress=False, echo=lambda _: None)
     methods = {r["method"] for r in out["records"]}
     assert "enumeration" not in methods and "evolution" in methods  # 20^32: no enumeration
+    assert "RCD prior-regularised" in methods  # by evolution here
+    assert out["results"][0]["setting"]["prior_weight"] in (0.0, 0.5)
     assert {r["problem"] for r in out["table"]} == {"ehrlich L=32"}
     assert (run.path / "plots" / "scores.png").is_file() and (run.path / "report.html").is_file()
     events = {json.loads(line).get("event") for line in
@@ -236,4 +285,8 @@ def test_suite_config_errors(tmp_path):
     cfg.write_text('[task]\nname = "ehrlich"\n[reward]\nkind = "mlp"\n[method]\nname = "suite"\n'
                    '[suite]\nmethods = ["magic"]\n')
     with pytest.raises(ConfigError, match="unknown"):
+        load_config(cfg, "offline")
+    cfg.write_text('[task]\nname = "ehrlich"\n[reward]\nkind = "mlp"\n[method]\nname = "suite"\n'
+                   '[suite]\nprior_weights = [-1.0]\n')
+    with pytest.raises(ConfigError, match="prior_weights"):
         load_config(cfg, "offline")

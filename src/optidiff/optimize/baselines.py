@@ -33,6 +33,7 @@ __all__ = [
     "evolution",
     "relaxed",
     "seq_keys",
+    "space",
     "surrogate_gradient_ascent",
     "top_new",
     "uniform_random",
@@ -80,17 +81,23 @@ def uniform_random(n: int, length: int, num_classes: int, seed: int) -> Tensor:
     return torch.randint(num_classes, (_check_n(n), length), generator=g)
 
 
-def enumeration(reward: Callable[[Tensor], Tensor], length: int, num_classes: int, n: int,
-                exclude: set[bytes], chunk_size: int = 16384) -> Tensor:
-    """The top ``n`` of all ``C^L`` sequences by f̂ (on their logits), none of them in
-    ``exclude``; a ValueError when the space exceeds :data:`MAX_ENUMERATION`."""
+def space(length: int, num_classes: int) -> Tensor:
+    """All ``C^L`` sequences (C^L, L), in lexicographic order; a ValueError when the space
+    exceeds :data:`MAX_ENUMERATION`."""
     size = num_classes ** length
     if size > MAX_ENUMERATION:
         raise ValueError(f"enumeration of {num_classes}^{length} = {size:.3g} sequences exceeds "
                          f"{MAX_ENUMERATION}")
-    x = torch.tensor(list(itertools.product(range(num_classes), repeat=length)))
+    return torch.tensor(list(itertools.product(range(num_classes), repeat=length)))
+
+
+def enumeration(reward: Callable[[Tensor], Tensor], length: int, num_classes: int, n: int,
+                exclude: set[bytes], chunk_size: int = 16384) -> Tensor:
+    """The top ``n`` of all ``C^L`` sequences (:func:`space`) by f̂ (on their logits), none of
+    them in ``exclude``."""
+    x = space(length, num_classes)
     scores = torch.cat([pseudo_label(reward, relaxed(x[i:i + chunk_size], num_classes))
-                        for i in range(0, size, chunk_size)])
+                        for i in range(0, len(x), chunk_size)])
     return top_new(x, scores, _check_n(n), exclude)
 
 

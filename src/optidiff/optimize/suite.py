@@ -23,9 +23,17 @@ budget of ``n`` candidates:
 - **RCD trust region + evolution**: ``pytorch-holo``'s evolution of :func:`~optidiff.optimize.
   baselines.evolution` on that lower confidence bound, started from the distinct guided samples
   instead of the best visible designs (the prior proposes, the evolution refines; the trust
-  region's selected scale and λ).
+  region's selected scale and λ);
+- **RCD prior-regularised**: the diffusion prior as a soft trust region for the surrogate, by the
+  KL-regularised objective whose optimum Algorithm 2's fine-tuning on its own surrogate-scored
+  samples approaches (Guo et al., NeurIPS 2024: ``p*(x) ∝ p̂(x)·exp(f̂(x)/τ)``) ranked exactly:
+  ``J_β(x) = z(f̂(x)) + β·z(log p̂(x))``, with ``log p̂`` the unconditional model's denoising bound
+  (:func:`~optidiff.optimize.likelihood.log_density`) and ``z`` the standardisation on the visible
+  set; maximised by enumeration where the space is small, else by the evolution baseline's
+  ``pytorch-holo`` evolution from the same start. β = 0 is exactly the enumeration / evolution
+  baseline, so the row isolates what the prior adds.
 
-The guidance scale and ``λ`` are chosen by :mod:`optidiff.optimize.selection` (held-out top,
+The guidance scale, ``λ`` and β are chosen by :mod:`optidiff.optimize.selection` (held-out top,
 no oracle) on the first seed and used for every seed. Every method's candidates are de-duplicated
 before scoring (:func:`evaluate`): 100th/50th percentile of the oracle's normalised score
 (infeasible sequences score 0), share feasible, novel (not in the visible set), duplicates, and
@@ -35,6 +43,7 @@ the reward model's Spearman rank correlation with the oracle on the problem's he
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,12 +59,12 @@ from .offline import reward_conditioned
 from .rewards import EnsembleReward, fit_reward, pseudo_label
 from .selection import holdout_split, select_setting
 
-__all__ = ["BASELINES", "GENERATIVE", "METHODS", "SequenceProblem", "SuiteSettings",
-           "evaluate", "penalised", "rank_correlation", "run_problem"]
+__all__ = ["BASELINES", "GENERATIVE", "METHODS", "PriorObjective", "SequenceProblem",
+           "SuiteSettings", "evaluate", "penalised", "rank_correlation", "run_problem"]
 
 BASELINES = ("uniform random", "enumeration", "gradient ascent", "evolution")
 GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region",
-              "RCD trust region + evolution")
+              "RCD trust region + evolution", "RCD prior-regularised")
 METHODS = BASELINES + GENERATIVE
 
 
@@ -104,6 +113,8 @@ class SuiteSettings:
     pool: int = 4
     reward_scales: tuple[float, ...] = (30.0, 100.0, 300.0, 1000.0)
     penalties: tuple[float, ...] = (0.0, 1.0, 2.0)
+    prior_weights: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
+    likelihood_levels: int = 16
     reward_clip: float = 5.0
     holdout: float = 0.2
     evolution_generations: int = 64
@@ -112,6 +123,9 @@ class SuiteSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if any(b < 0 for b in self.prior_weights) or not self.prior_weights:
+            raise ValueError(f"prior_weights must be a non-empty list of values >= 0, got "
+                             f"{self.prior_weights}")
         if self.n < 1 or self.pool < 1 or not self.seeds:
             raise ValueError(f"need n >= 1, pool >= 1 and at least one seed, got n={self.n}, "
                              f"pool={self.pool}, seeds={self.seeds}")
@@ -126,7 +140,8 @@ def penalised(ensemble: EnsembleReward, lam: float) -> Callable[[Tensor], Tensor
 
 
 def rank_correlation(problem: SequenceProblem, reward: Callable[[Tensor], Tensor]) -> float:
-    """Spearman's ρ between f̂ and the oracle on ``problem.heldout``."""
+    """Spearman's ρ between f̂ (or any score of the relaxed features, e.g. the prior's
+    log-density) and the oracle on ``problem.heldout``."""
     from scipy.stats import spearmanr
 
     h = problem.heldout
@@ -166,12 +181,73 @@ def _diffusion(x: Tensor, y: Tensor, reward: EnsembleReward, problem: SequencePr
                               sampler="ddpm", seed=seed, progress=progress)
 
 
-class _Generator:
-    """Samples of one trained model, cached per (guidance scale, size)."""
+class PriorObjective:
+    """``J_β(x) = z(f̂(x)) + β·z(log p̂(x))`` of integer sequences: f̂ the reward model, log p̂ the
+    null-condition (unconditional) density of the diffusion ``model`` by
+    :func:`~optidiff.optimize.likelihood.log_density` (``levels`` noise levels, noise from
+    ``seed``), each standardised by its mean and std on ``x_ref`` (the data both were fitted on).
+    ``terms(x)`` gives the two standardised terms; ``of(β)`` the objective on relaxed features,
+    as the optimizers of :mod:`~optidiff.optimize.baselines` take it."""
 
-    def __init__(self, res, problem: SequenceProblem, st: SuiteSettings, seed: int):
-        self.res, self.problem, self.st, self.seed = res, problem, st, seed
+    def __init__(self, reward: Callable[[Tensor], Tensor], model: torch.nn.Module,
+                 num_classes: int, x_ref: Tensor, *, levels: int, seed: int):
+        self.reward, self.model, self.num_classes = reward, model, num_classes
+        self.levels, self.seed = levels, seed
+        f, lp = self._raw(B.relaxed(x_ref, num_classes))
+        self._stats = [(float(v.mean()), float(v.std()) or 1.0) for v in (f, lp)]
+        self._space: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def density(self, z: Tensor) -> Tensor:
+        """The unstandardised log p̂ of relaxed features (float64)."""
+        from .likelihood import log_density
+
+        return log_density(self.model, z, levels=self.levels, seed=self.seed, cond=math.nan)
+
+    def _raw(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return pseudo_label(self.reward, z).double(), self.density(z)
+
+    def _z(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        (mf, sf), (ml, sl) = self._stats
+        f, lp = self._raw(z)
+        return (f - mf) / sf, (lp - ml) / sl
+
+    def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._z(B.relaxed(x, self.num_classes))
+
+    def of(self, beta: float) -> Callable[[Tensor], Tensor]:
+        (mf, sf) = self._stats[0]
+
+        def J(z: Tensor) -> Tensor:
+            if not beta:  # the surrogate alone: no density evaluations
+                return (pseudo_label(self.reward, z).double() - mf) / sf
+            f, lp = self._z(z)
+            return f + beta * lp
+        return J
+
+    def space(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Every sequence of the space with its two terms (computed once)."""
+        if self._space is None:
+            x = B.space(length, self.num_classes)
+            self._space = (x, *self.terms(x))
+        return self._space
+
+
+class _Generator:
+    """Samples of one trained model, cached per (guidance scale, size), on the data ``(x, y)``
+    it was trained on."""
+
+    def __init__(self, res, problem: SequenceProblem, st: SuiteSettings, seed: int, x: Tensor,
+                 y: Tensor):
+        self.res, self.problem, self.st, self.seed, self.x, self.y = res, problem, st, seed, x, y
         self._cache: dict[tuple[float, int], Tensor] = {}
+        self._prior: PriorObjective | None = None
+
+    def prior(self, reward: EnsembleReward) -> PriorObjective:
+        if self._prior is None:
+            self._prior = PriorObjective(reward, self.res.model, self.problem.num_classes,
+                                         self.x, levels=self.st.likelihood_levels,
+                                         seed=self.seed)
+        return self._prior
 
     def __call__(self, scale: float, size: int) -> Tensor:
         key = (scale, size)
@@ -193,6 +269,13 @@ def _generative(name: str, gen: _Generator, reward: EnsembleReward, exclude: set
         return B.top_new(x, -torch.arange(len(x), dtype=torch.float64), n, exclude)
     if name == "RCD + reward guidance":
         return gen(setting["reward_scale"], n)
+    if name == "RCD prior-regularised":
+        prior, beta = gen.prior(reward), setting["prior_weight"]
+        if problem.enumerable:
+            x, f, lp = prior.space(problem.length)
+            return B.top_new(x, f + beta * lp, n, exclude)
+        return B.evolution(prior.of(beta), gen.x, gen.y, problem.num_classes, n, exclude,
+                           seed=gen.seed, generations=st.evolution_generations)
     x = gen(setting["trust_scale"], pool)
     lcb = penalised(reward, setting["penalty"])
     score = pseudo_label(lcb, problem.features(x))
@@ -219,12 +302,13 @@ def _baseline(name: str, reward: EnsembleReward, problem: SequenceProblem, st: S
 
 def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleReward,
            progress: bool | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The held-out-top selection of the guidance scale (RCD + reward guidance) and of the
-    trust region's (scale, λ), on the first seed's inner split."""
+    """The held-out-top selection of the guidance scale (RCD + reward guidance), of the
+    trust region's (scale, λ) and of the prior weight β, on the first seed's inner split."""
     seed = st.seeds[0]
     x_in, y_in = holdout_split(problem.x, problem.y, st.holdout)
     f_in = _fit(x_in, y_in, problem, st, seed)
-    gen = _Generator(_diffusion(x_in, y_in, f_in, problem, st, seed, progress), problem, st, seed)
+    gen = _Generator(_diffusion(x_in, y_in, f_in, problem, st, seed, progress), problem, st, seed,
+                     x_in, y_in)
     inner = set(B.seq_keys(x_in))
     args = (x_in, validator, problem.features)
     scale, t1 = select_setting(list(st.reward_scales), lambda s: gen(s, st.n), *args)
@@ -232,9 +316,12 @@ def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleRewar
     (ts, lam), t2 = select_setting(grid, lambda sl: _generative(
         "RCD trust region", gen, f_in, inner, problem, st,
         {"trust_scale": sl[0], "penalty": sl[1]}), *args)
+    beta, t3 = select_setting(list(st.prior_weights), lambda b: _generative(
+        "RCD prior-regularised", gen, f_in, inner, problem, st, {"prior_weight": b}), *args)
     table = [{"method": "RCD + reward guidance", **r} for r in t1] + \
-            [{"method": "RCD trust region", **r} for r in t2]
-    return {"reward_scale": scale, "trust_scale": ts, "penalty": lam}, table
+            [{"method": "RCD trust region", **r} for r in t2] + \
+            [{"method": "RCD prior-regularised", **r} for r in t3]
+    return {"reward_scale": scale, "trust_scale": ts, "penalty": lam, "prior_weight": beta}, table
 
 
 def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *,
@@ -242,10 +329,11 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every method of ``st.methods`` on ``problem`` for every seed; returns the chosen settings,
     the selection table, one record per (method, seed) (metrics of :func:`evaluate`, seconds)
-    and the rank correlation per seed. Seconds of a row count what it needs: the reward fit,
+    and the rank correlation with the oracle per seed of f̂ and (with "RCD prior-regularised")
+    of the diffusion prior's log-density. Seconds of a row count what it needs: the reward fit,
     the diffusion training (and the selection run) for generative rows, its own generation."""
     visible = set(B.seq_keys(problem.x))
-    records, rho, setting, sel_table = [], {}, {}, []
+    records, rho, rho_prior, setting, sel_table = [], {}, {}, {}, []
     need_gen = any(m in GENERATIVE for m in st.methods)
     t_select = 0.0
     for k, seed in enumerate(st.seeds):
@@ -261,8 +349,10 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
         if need_gen:
             t1 = time.perf_counter()
             gen = _Generator(_diffusion(problem.x, problem.y, f, problem, st, seed, progress),
-                             problem, st, seed)
+                             problem, st, seed, problem.x, problem.y)
             t_train = time.perf_counter() - t1
+            if "RCD prior-regularised" in st.methods:
+                rho_prior[seed] = rank_correlation(problem, gen.prior(f).density)
         for name in st.methods:
             t2 = time.perf_counter()
             if name in GENERATIVE:
@@ -282,5 +372,6 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
                     f"{rec['p50']:.3f} novel {rec['novel']:.2f} dup {rec['duplicates']} "
                     f"feasible {rec['feasible']:.2f}")
     return {"problem": problem.name, "info": problem.info, "setting": setting,
-            "selection": sel_table, "rank_correlation": rho, "records": records,
+            "selection": sel_table, "rank_correlation": rho,
+            "prior_rank_correlation": rho_prior, "records": records,
             "settings": dataclasses.asdict(st)}

@@ -123,6 +123,7 @@ def suite_settings(cfg: OfflineConfig) -> Any:
         diffusion_steps=s.diffusion_steps, batch_size=s.batch_size,
         model_kwargs={"hidden": s.hidden, "depth": s.depth}, sample_steps=s.sample_steps,
         pool=s.pool, reward_scales=tuple(s.reward_scales), penalties=tuple(s.penalties),
+        prior_weights=tuple(s.prior_weights), likelihood_levels=s.likelihood_levels,
         reward_clip=s.reward_clip, holdout=s.holdout,
         evolution_generations=s.evolution_generations)
 
