@@ -13,7 +13,7 @@ same budget of ``n`` candidates (the "honest baselines" every offline table carr
   returned.
 
 Sequences are int64 ``(N, L)`` over ``C`` states; f̂ takes the flattened logits of
-:func:`optidiff.tasks.tfbind8.to_logits`. Every draw comes from a seed.
+:func:`optidiff.sequences.to_logits`. Every draw comes from a seed.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ MAX_ENUMERATION = 2 ** 22
 
 def relaxed(x: Tensor, num_classes: int) -> Tensor:
     """The flattened Design-Bench logits (N, L·(C−1)) of integer sequences (N, L)."""
-    from ..tasks.tfbind8 import to_logits
+    from ..sequences import to_logits
 
     return to_logits(x, num_classes=num_classes).flatten(1)
 
@@ -107,7 +107,7 @@ def surrogate_gradient_ascent(reward: Callable[[Tensor], Tensor], x: Tensor, y: 
     """Design-Bench's Grad.: ``steps`` of z-scored gradient ascent on f̂
     (:func:`~optidiff.optimize.rewards.gradient_ascent`) from the ``n`` best visible logits,
     decoded by argmax."""
-    from ..tasks.tfbind8 import to_integers
+    from ..sequences import to_integers
 
     z = relaxed(x, num_classes)
     top = z[torch.argsort(y, descending=True, stable=True)[:_check_n(n)]]

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..tasks.tfbind8 import to_integers
+from ..sequences import to_integers
 from . import baselines as B
 from .offline import reward_conditioned
 from .rewards import EnsembleReward, fit_reward, pseudo_label

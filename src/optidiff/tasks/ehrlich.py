@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import rng
 from .base import OfflineData
-from .tfbind8 import to_integers, to_logits
+from ..sequences import to_integers, to_logits
 
 __all__ = ["SIZES", "EhrlichProblem", "EhrlichTask", "make_function"]
 

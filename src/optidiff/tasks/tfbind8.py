@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..cache import DataError, cache_root
+from ..sequences import NUM_CLASSES, SOFT_INTERPOLATION, to_integers, to_logits
 from .base import OfflineData
 
 __all__ = [
@@ -103,8 +104,6 @@ N_VISIBLE = 32_898
 BEST_VISIBLE = 0.4393  # rounded; the exact value is checked to 4 decimals
 ALPHABET = "acgt"
 SEQ_LEN = 8
-NUM_CLASSES = 4
-SOFT_INTERPOLATION = 0.6
 MAX_PERCENTILE = 50.0
 _HEADER = ["8-mer", "8-mer", "E-score", "Median", "Z-score"]
 
@@ -292,39 +291,6 @@ def process(text: str, max_percentile: float = MAX_PERCENTILE) -> Processed:
 
 
 # --------------------------------------------------------------------------- relaxation
-
-def to_logits(x: Tensor, soft_interpolation: float = SOFT_INTERPOLATION,
-              num_classes: int = NUM_CLASSES) -> Tensor:
-    """Design-Bench ``to_logits``: integers (N, L) → logits (N, L, C−1), float32 (C =
-    ``num_classes``).
-
-    ``p = s·onehot + (1 − s)/C``, logits ``log p[..., 1:] − log p[..., :1]``.
-    """
-    x = torch.as_tensor(x).long()
-    if not 0 < soft_interpolation <= 1:
-        raise ValueError(f"soft_interpolation must be in (0, 1], got {soft_interpolation}")
-    onehot = torch.nn.functional.one_hot(x, num_classes).to(torch.float64)
-    p = soft_interpolation * onehot + (1 - soft_interpolation) / num_classes
-    logp = p.log()
-    return (logp[..., 1:] - logp[..., :1]).to(torch.float32)
-
-
-def to_integers(logits: Tensor, num_classes: int = NUM_CLASSES) -> Tensor:
-    """Design-Bench ``to_integers``: logits (N, L, C−1) or flattened (N, L·(C−1)) → integers (N, L):
-    argmax after prepending a zero logit for class 0 (C = ``num_classes``)."""
-    logits = torch.as_tensor(logits)
-    c1 = num_classes - 1
-    if logits.ndim == 2:
-        if logits.shape[1] % c1:
-            raise ValueError(f"flattened logits need a multiple of {c1} columns, got "
-                             f"{logits.shape[1]}")
-        logits = logits.reshape(len(logits), -1, c1)
-    if logits.ndim != 3 or logits.shape[-1] != c1:
-        raise ValueError(f"logits must have shape (N, L, {c1}) or (N, L*{c1}), got "
-                         f"{tuple(logits.shape)}")
-    padded = torch.nn.functional.pad(logits, (1, 0))
-    return padded.argmax(-1)
-
 
 # ---------------------------------------------------------------------------------- the task
 
