@@ -15,10 +15,10 @@ import optidiff as od
 
 SIGMAS = od.LogLinearSchedule().sample_sigmas(6, final_zero=True)
 #: Algorithm 1 runs: 7 samples (shards of 4 and 3 rows) and 6 with the gradient at the batch mean
-GG = {"sample": dict(rounds=3, batch_size=7, increment=0.5, seed=5),
-      "mean": dict(rounds=2, batch_size=6, target=1.0, gradient_at="mean", seed=6)}
+GG = {"sample": {"rounds": 3, "batch_size": 7, "increment": 0.5, "seed": 5},
+      "mean": {"rounds": 2, "batch_size": 6, "target": 1.0, "gradient_at": "mean", "seed": 6}}
 #: Algorithm 2: a TimeMLP fine-tuned by DSMFinetune (2 Adam steps per round, under DDP)
-AD = dict(rounds=2, batch_size=6, increment=0.5, steps_per_round=2, seed=7)
+AD = {"rounds": 2, "batch_size": 6, "increment": 0.5, "steps_per_round": 2, "seed": 7}
 WRITERS = ("save_tensors", "append_jsonl", "write_jsonl", "save_state", "write_text")
 
 
@@ -46,11 +46,15 @@ def main(out: Path) -> None:
     from optidiff.optimize import adaptive, gradient_guided
 
     writes = {name: 0 for name in WRITERS}
+
+    def counting(name, real):
+        def write(*args, **kwargs):
+            writes[name] += 1
+            return real(*args, **kwargs)
+        return write
+
     for name in WRITERS:  # count the run-directory writes of each rank
-        def counting(*args, _real=getattr(checkpoint, name), _name=name, **kwargs):
-            writes[_name] += 1
-            return _real(*args, **kwargs)
-        setattr(checkpoint, name, counting)
+        setattr(checkpoint, name, counting(name, getattr(checkpoint, name)))
 
     torch.distributed.init_process_group("gloo")
     rank = int(os.environ["RANK"])

@@ -100,16 +100,16 @@ def _emulate(model, *, rounds, batch_size, seed, increment=None, target=None,
                           for p, gd, gen in zip(parts, guids, gens)])
 
     def scored(z, y, extra):
-        rewards = torch.cat([obj.value(z[p]) for p in parts])  # each rank its shard
+        rewards = torch.cat([obj.value(z[p]) for p in parts])  # each rank scores its shard
         at_mean = obj.value(z.mean(0, keepdim=True))[0] if gradient_at == "mean" else None
         rec = {"reward_mean": rewards.mean().item(), "reward_max": rewards.max().item(),
                "reward_top_k": rewards.topk(4).values.mean().item(),
                "reward_at_mean": None if at_mean is None else at_mean.item(),
                "target_mean": None if y is None else y.mean().item(), **obj.queries, **extra}
-        return rewards, at_mean, rec
+        return at_mean, rec
 
     zs = [draw([None] * WORLD)]
-    rewards, at_mean, rec = scored(zs[0], None, {})
+    at_mean, rec = scored(zs[0], None, {})
     history = [rec]
     for _ in range(rounds):
         z = zs[-1]
@@ -132,7 +132,7 @@ def _emulate(model, *, rounds, batch_size, seed, increment=None, target=None,
             for _ in range(steps_per_round):
                 extra["finetune_loss"] = _dsm_step(model, opt, ft, data, weights, gens)
         zs.append(draw(guids))
-        rewards, at_mean, rec = scored(zs[-1], y, extra)
+        at_mean, rec = scored(zs[-1], y, extra)
         rec["delivered_fraction"] = delivered_fraction(g, y, zs[-1], zs[0])
         history.append(rec)
     return zs, history

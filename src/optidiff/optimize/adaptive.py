@@ -96,9 +96,16 @@ class DSMFinetune:
     the newest batch; this hook generalises it (defaults: 4 Adam steps of lr 1e-3 per round,
     measured in the ``guidance_subspace`` benchmark): optimizer ``"adamw"``, ``"adam"`` or ``"sgd"``
     (built once, kept across rounds, saved with the run), ``lr``, ``steps`` per round,
-    ``batch_size`` (default: the size of the newest round), minibatch rows drawn with replacement
-    with probability ∝ their replay weight, and σ drawn uniformly from ``sigmas`` (the training
-    table; :func:`adaptive` defaults it to the positive σ's of its sampling grid).
+    ``batch_size`` (default: the number of rows in the replay set), minibatch rows drawn with
+    replacement with probability ∝ their replay weight, and σ drawn uniformly from ``sigmas`` (the
+    training table; :func:`adaptive` defaults it to the positive σ's of its sampling grid).
+
+    Under torchrun (a process group of ``world`` > 1 processes) the model is wrapped in
+    DistributedDataParallel (which broadcasts rank 0's weights once, then averages the gradients
+    of every step): rank r draws its shard :func:`optidiff.distributed.shard` ``(batch_size, r,
+    world)`` of each minibatch from its own generator, its loss weighted by n_r·world/batch_size
+    so that the averaged gradient is that of the whole minibatch's mean loss; every rank keeps the
+    same weights and optimizer state, and ``last_loss`` is the whole minibatch's mean loss.
     """
 
     def __init__(self, *, lr: float = 1e-3, steps: int = 4, batch_size: int | None = None,
@@ -292,6 +299,13 @@ def adaptive(model: Any, objective: Callable[[Tensor], Tensor] | Objective, sigm
 
     A network is fine-tuned in place (copy it first to keep the pre-trained weights); the result's
     ``model`` is the fine-tuned model, and with ``run_dir`` its state is saved every round.
+
+    Under ``torchrun --nproc-per-node 2 script.py`` the loop is that of
+    :func:`~optidiff.optimize.gradient_guided` ("Distributed": per-rank shards and streams,
+    gathered records, rank 0 writes); the replay set is the gathered samples, the same on every
+    rank, so an exact refit is the same everywhere and :class:`DSMFinetune` trains under
+    DistributedDataParallel, each rank drawing its shard of every minibatch: all ranks keep the
+    same fine-tuned weights.
     """
     if isinstance(start_round, bool) or not isinstance(start_round, int) or start_round < 0:
         raise ValueError(f"start_round must be an int >= 0, got start_round={start_round!r}")

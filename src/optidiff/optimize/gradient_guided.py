@@ -30,6 +30,11 @@ off-subspace ratio, the queries used so far), keeps the best samples seen, and, 
 writes after every round the record (``metrics.jsonl``), the samples (``samples/round_XXXXX
 .safetensors``) and a resumable state, so that a crash loses at most the round in progress and
 ``resume=True`` continues exactly as an uninterrupted run would.
+
+Under ``torchrun --nproc-per-node N script.py`` the loop runs data-parallel on torch's own engine:
+each rank draws, scores and differentiates its shard of every round with its own generator
+stream, and the round's record is computed from the gathered batch (:func:`gradient_guided`,
+"Distributed").
 """
 
 from __future__ import annotations
@@ -491,6 +496,31 @@ def gradient_guided(model: Any, objective: Callable[[Tensor], Tensor] | Objectiv
             ``seed``, 0 if not given).
         dtype, device: of the samples.
         progress: show a progress bar over rounds.
+
+    Distributed: launch the script with ``torchrun --nproc-per-node 2 script.py`` (WORLD_SIZE >
+    1; the process group is initialised here unless the script did it: gloo on CPU, nccl on
+    CUDA, where ``device="cuda"`` means ``cuda:LOCAL_RANK``). Every rank passes the same
+    ``model`` (the same weights) and ``objective``. Then
+
+    - per rank: rank r draws rows :func:`optidiff.distributed.shard` ``(B, r, world)`` of every
+      round with its own generator, seeded :func:`optidiff.distributed.rank_seed` ``(seed, r)``
+      (give ``seed=``; ``generator=`` is refused), evaluates f on them and, with
+      ``gradient_at="sample"``, their gradients and guidance targets;
+    - gathered (the whole batch in rank order, on every rank): samples, rewards and targets, from
+      which the round statistics, the delivered fraction and plateau, the caller's ``metrics``,
+      the corrected rule's factors and the top-k best samples are computed, so every rank holds
+      the same history and result. With ``gradient_at="mean"``, z̄ is the mean of the whole batch
+      and rank 0 alone queries f(z̄) and ∇f(z̄) and sends them to the others. The history's query
+      counts are totals over the ranks (``result.objective`` counts this rank's), ``seconds``
+      the slowest rank's;
+    - rank 0 alone writes ``run_dir`` (call ``result.save`` on rank 0 only). The resumable state
+      holds every rank's generator state and query counts (row r for rank r), so ``resume=True``
+      with the same number of processes continues exactly; another number is refused
+      (``world_size`` is a saved setting). Every rank reads the run directory when it starts, so
+      it must be on a file system they share.
+
+    The gathered result equals one process drawing the shards one after the other with the same
+    per-rank streams; a single process runs exactly as without torchrun.
 
     Returns an :class:`OptimizeResult`. Each history record holds ``round``, ``reward_mean``,
     ``reward_std``, ``reward_max``, ``reward_top_k`` (mean of the ``top_k`` best rewards of the
