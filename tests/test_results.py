@@ -83,21 +83,20 @@ def test_command_run_directories_load(tmp_path):
 
     from optidiff.cli import app
 
-    cfg = tmp_path / "opt.toml"
-    cfg.write_text('name = "t"\n[model]\nkind = "exact"\n[sampler]\nsteps = 6\nbatch_size = 8\n'
-                   '[optimize]\nrounds = 2\nincrement = 0.2\n')
-    out = CliRunner().invoke(app, ["optimize", str(cfg), "--run-dir", str(tmp_path / "o"),
-                                   "--no-progress"])
-    assert out.exit_code == 0, out.output
+    def run(command: str, config: str, run_dir: str) -> None:
+        cfg = tmp_path / f"{run_dir}.toml"
+        cfg.write_text(config)
+        out = CliRunner().invoke(app, [command, str(cfg), "--run-dir", str(tmp_path / run_dir),
+                                       "--no-progress"])
+        assert out.exit_code == 0, out.output
+
+    run("optimize", 'name = "t"\n[model]\nkind = "exact"\n[sampler]\nsteps = 6\nbatch_size = 8\n'
+        '[optimize]\nrounds = 2\nincrement = 0.2\n', "o")
     back = od.optimize.load_result(tmp_path / "o")
     assert [r["round"] for r in back.history] == [0, 1, 2] and back.model == {"kind": "exact"}
     assert back.samples.shape == (8, 64)
-    train_cfg = tmp_path / "train.toml"
-    train_cfg.write_text('[task]\nname = "toy2d"\nn = 256\n[train]\nsteps = 5\nbatch_size = 16\n'
-                         '[sampler]\nsteps = 2\nbatch_size = 8\n')
-    out = CliRunner().invoke(app, ["train", str(train_cfg), "--run-dir", str(tmp_path / "t"),
-                                   "--no-progress"])
-    assert out.exit_code == 0, out.output
+    run("train", '[task]\nname = "toy2d"\nn = 256\n[train]\nsteps = 5\nbatch_size = 16\n'
+        '[sampler]\nsteps = 2\nbatch_size = 8\n', "t")
     tr = od.TrainResult.load(tmp_path / "t")
     assert tr.step == 5 and len(tr.losses) == 5 and isinstance(tr.ema, od.models.TimeMLP)
     with pytest.raises(CheckpointError):

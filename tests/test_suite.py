@@ -203,8 +203,11 @@ def test_run_problem_every_method_on_a_tiny_space():
     assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty", "prior_weight"}
     # scales (0, 10); trust: the same × λ (0, 1); prior weights (0, 0.1, 0.25, 0.5)
     assert len(res["selection"]) == 2 + 2 * 2 + 4
-    for r in res["records"]:
-        assert 1 <= r["unique"] <= 8 and 0 <= r["p50"] <= r["p100"] <= 1
+    for r in res["records"]:   # the reported metrics are those of the distinct candidates' scores
+        s = np.asarray(r["scores"])
+        assert r["unique"] == len(s) >= 1 and r["unique"] + r["duplicates"] == r["generated"]
+        assert r["p100"] == s.max() and r["p50"] == pytest.approx(np.median(s))
+        assert ((0 <= s) & (s <= 1)).all()
     enum = next(r for r in res["records"] if r["method"] == "enumeration")
     assert enum["novel"] == 1.0 and enum["duplicates"] == 0
     assert -1 <= res["rank_correlation"][0] <= 1 and -1 <= res["prior_rank_correlation"][0] <= 1

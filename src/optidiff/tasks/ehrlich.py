@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from .. import rng
-from .base import OfflineData
 from ..sequences import to_integers, to_logits
+from .base import OfflineData
 
 __all__ = ["SIZES", "EhrlichProblem", "EhrlichTask", "make_function"]
 
