@@ -38,6 +38,7 @@ __all__ = [
     "fmt",
     "machine_info",
     "markdown_table",
+    "parallel_map",
     "parser",
     "set_threads",
     "simple_main",
@@ -183,6 +184,25 @@ def timer(clock: str = "wall") -> Callable[[Callable[[], Any]], float]:
         return now() - t0
 
     return timed
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], workers: int = 1) -> list[Any]:
+    """``[fn(x) for x in items]`` in ``workers`` spawned processes of one torch thread each (in
+    order; ``workers=1`` runs here). ``fn`` must be a module-level function and every random draw
+    inside it seeded from its item, so the result does not depend on ``workers``."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_one_thread) as pool:
+        return list(pool.map(fn, items))
 
 
 def median(xs: Iterable[float]) -> float:

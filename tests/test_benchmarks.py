@@ -8,7 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import devices, gp, lowdim, samplers, samplers_digits
+from benchmarks import devices, gp, guidance_subspace, lowdim, samplers, samplers_digits
 
 
 def test_samplers_quick_runs_and_reports_every_sampler(capsys):
@@ -73,3 +73,17 @@ def test_gp_quick_reports_every_model_claim_and_floor(capsys):
     assert set(gp.ASSERTED) <= ids and "goal_w2" in ids
     assert [r["model"] for r in result["guidance"]] == ["exact", *gp.MODELS]
     assert "not written" in capsys.readouterr().out
+
+
+def test_guidance_subspace_quick_runs_every_section_and_claim(monkeypatch, tmp_path, capsys):
+    """Every run of the plan (small networks trained into an empty cache, one seed, few rounds)
+    and every table and claim of the full benchmark; its figures are written."""
+    monkeypatch.setenv("OPTIDIFF_CACHE", str(tmp_path / "cache"))
+    result = guidance_subspace.run(quick=True, workers=1, plots_dir=tmp_path / "plots")
+    assert {r["network"] for r in result["alg1"]} == {"TimeMLP", "SubspaceNet"}
+    assert len(result["alg1"]) == 10 and len(result["alg2"]) == 5
+    assert {(r["guidance"], r["δ"]) for r in result["sphere"]} == {
+        (g, d) for g in ("G", "G_loss") for d in guidance_subspace.SPHERE_DELTAS}
+    assert len(result["claims"]) == 7 and all(isinstance(c["holds"], bool) for c in result["claims"])
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "alg1_subspace_net.png", "alg1_timemlp.png", "alg2.png", "sphere_pareto.png"]

@@ -316,6 +316,39 @@ def test_adaptive_dsm_finetune_resume_exact(tmp_path):
         assert torch.equal(v, net3.state_dict()[k])
 
 
+def test_replay_keeps_the_rounds_of_weight_above_1e9_with_the_decayed_weights():
+    """The replay set of ``replay_decay`` = 0.5 keeps the newest ⌈log 1e-9 / log 0.5⌉ = 30 rounds,
+    weighted ∝ 0.5^age (the dropped rounds' total weight is below 1e-9 of the kept)."""
+    from optidiff.optimize.adaptive import _Updater
+    up = _Updater(lambda m, d, w, g: m, 0, 0.5, None, 0.0)
+    for k in range(40):
+        up.step(None, k, torch.full((2, 1), float(k)), torch.Generator())
+    assert up.memory == 30 and len(up.buffer) == 30
+    data, w = up.dataset(39)
+    assert data[:, 0].tolist() == [float(k) for k in range(10, 40) for _ in range(2)]
+    expect = torch.tensor([0.5 ** (39 - k) for k in range(10, 40) for _ in range(2)], dtype=F64)
+    torch.testing.assert_close(w, expect / expect.sum())
+    assert _Updater(None, 0, 0.0, None, 0.0).memory == 1
+    assert _Updater(None, 0, 1.0, None, 0.0).memory is None
+
+
+def test_network_defaults_decay_the_replay_and_cap_the_minibatch(monkeypatch, tmp_path):
+    """Algorithm 2's defaults for a network: replay_decay 0.9 and DSM minibatches of the replay
+    set's rows, at most 512."""
+    sizes = []
+    loss = opt.DSMFinetune.loss
+    monkeypatch.setattr(opt.DSMFinetune, "loss",
+                        lambda self, model, data, w, n, g: sizes.append((len(data), n)) or
+                        loss(self, model, data, w, n, g))
+    torch.manual_seed(0)
+    net = TimeMLP(4, hidden=8, depth=1, emb_dim=8)
+    res = opt.adaptive(net, lambda x: -(x**2).sum(-1), grid(4), rounds=3, batch_size=300,
+                       increment=0.5, steps_per_round=1, seed=0, run_dir=tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["replay_decay"] == 0.9
+    assert res.history and [n for _, n in sizes] == [300, 512, 512]
+    assert [rows for rows, _ in sizes] == [300, 600, 900]
+
+
 def test_crash_keeps_completed_rounds_and_resumes(tmp_path):
     p, model = _small()
     calls = {"n": 0}

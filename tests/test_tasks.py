@@ -103,6 +103,9 @@ def test_sphere_task():
     assert x.shape == (500, 64) and s.metrics(x)["norm_deviation"] < 1e-6
     assert s.objective().value(s.theta[None]).item() == pytest.approx(1.0)
     assert s.metrics(2 * x)["norm_minus_one"] == pytest.approx(1.0, abs=1e-5)
+    # the cosine reward does not credit the norm: 2x scores as x, θ itself scores 1
+    assert s.metrics(2 * x)["cosine_reward"] == pytest.approx(s.metrics(x)["cosine_reward"])
+    assert s.metrics(3 * s.theta[None].float())["cosine_reward"] == pytest.approx(1.0, abs=1e-6)
     assert s.reference(increment=0.2)["global_max"] == 1.0
     assert not torch.equal(SphereTask(seed=1).theta, s.theta)
     with pytest.raises(ValueError, match="unknown objective"):

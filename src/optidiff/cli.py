@@ -231,7 +231,7 @@ def optimize(
 @app.command()
 def demo(
     run_dir: RunDirOpt = None,
-    rounds: Annotated[int, typer.Option(help="Optimization rounds.")] = 30,
+    rounds: Annotated[int, typer.Option(help="Optimization rounds.")] = 100,
     device: DeviceOpt = "auto",
     threads: Annotated[int | None, typer.Option(
         help="torch CPU threads (default 1: fastest for its batches of 32).")] = 1,

@@ -50,7 +50,7 @@ def _tail(res: OptimizeResult, key: str) -> float:
     return sum(r[key] for r in tail) / len(tail)
 
 
-def demo(run_dir: str | Path | None = None, rounds: int = 60, *, progress: bool | None = None,
+def demo(run_dir: str | Path | None = None, rounds: int = 100, *, progress: bool | None = None,
          device: str = "auto", echo: Callable[[str], None] = print) -> DemoResult:
     """``optidiff demo``: Guo et al. (NeurIPS 2024)'s claims on the ``subspace`` task (D = 64,
     d = 16) with f1 = 10 − (θᵀx − 3)², θ mostly off the data subspace, with learned networks

@@ -5,7 +5,9 @@ Data: ``x = z/‖z‖``, ``z ~ N(0, I_64)``: uniform on the unit sphere S⁶³ (
 drawn from a generator seeded with ``seed + 1``). Objective: ``f(x) = θᵀx`` with θ uniform on S⁶³
 (a generator seeded with ``seed``), maximum 1 on the sphere, at x = θ. Metric: the distance to the
 support ``|‖x‖ − 1|`` (batch mean; the official code logs the signed ``‖x‖ − 1``, also reported
-here as ``norm_minus_one``).
+here as ``norm_minus_one``) and the reward of the sample's direction, ``θᵀx/‖x‖`` (batch mean
+``cosine_reward``): θᵀx alone credits mass off the sphere (‖x‖ > 1), the cosine does not, so a
+Pareto front of the cosine against |‖x‖ − 1| compares guidances fairly.
 
 References: the on-sphere maximum 1; the pre-training data have mean 0 and covariance I/64, so the
 Gaussian (linear-score) surrogate of their Theorem 2 gives x_λ* = θ/(64λ) (value 1/(64λ),
@@ -101,10 +103,13 @@ class SphereTask:
         return torch.stack([x @ self.theta, x.norm(dim=1)], 1), "θᵀx", "‖x‖"
 
     def metrics(self, x: Tensor) -> dict[str, float]:
-        """``norm_deviation`` = mean |‖x‖ − 1|, ``norm_minus_one`` = mean (‖x‖ − 1)."""
-        n = x.detach().flatten(1).double().norm(dim=1)
+        """``norm_deviation`` = mean |‖x‖ − 1|, ``norm_minus_one`` = mean (‖x‖ − 1),
+        ``cosine_reward`` = mean θᵀx/‖x‖."""
+        x = x.detach().flatten(1).double()
+        n = x.norm(dim=1)
         return {"norm_deviation": (n - 1).abs().mean().item(),
-                "norm_minus_one": (n - 1).mean().item()}
+                "norm_minus_one": (n - 1).mean().item(),
+                "cosine_reward": (x @ self.theta / n).mean().item()}
 
     def reference(self, name: str = "linear", *, increment: float | None = None,
                   noise_std: float = 0.1) -> dict[str, Any]:
