@@ -101,3 +101,14 @@ def test_command_run_directories_load(tmp_path):
     assert tr.step == 5 and len(tr.losses) == 5 and isinstance(tr.ema, od.models.TimeMLP)
     with pytest.raises(CheckpointError):
         od.TrainResult.load(tmp_path / "o")  # an optimization run is not a training run
+
+
+def test_curves_figure_clips_an_overlay_that_runs_off_the_curves():
+    """The implied plateau δr/(1 − r) explodes as r → 1: it must not set the reward axis."""
+    from optidiff.report import curves_figure
+    hist = [{"round": k, "reward_mean": float(k), "plateau": 1e3 if k == 2 else float(k)}
+            for k in range(5)]
+    fig = curves_figure({"run": hist}, [("reward_mean", "mean reward", "plateau", "plateau")],
+                        {"max": 10.0})
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(11.0)

@@ -148,13 +148,18 @@ def curves_figure(runs: dict[str, list[dict]], keys: list[tuple[str, ...]],
                   refs: dict[str, float]):
     """One panel per ``(key, label)`` or ``(key, label, overlay, overlay label)`` of the round
     records of each run (the overlay dotted in the run's colour, e.g. the implied plateau next to
-    the reward), with the reference values (dashed) on the reward panels."""
+    the reward), with the reference values (dashed) on the reward panels. The vertical range is
+    that of the curves and references: an overlay that runs off it (the plateau δr/(1 − r) as r
+    → 1) is clipped rather than squashing the curves."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(4.2 * len(keys), 3.4))
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     for ax, (key, label, *over) in zip(axes, keys):
+        shown = []
         for name, hist in runs.items():
-            (line,) = ax.plot(*_curve(hist, key), label=name)
+            xs, ys = _curve(hist, key)
+            (line,) = ax.plot(xs, ys, label=name)
+            shown += ys
             if over and any(h.get(over[0]) is not None for h in hist):
                 ax.plot(*_curve(hist, over[0]), ls=":", color=line.get_color(),
                         label=f"{name}: {over[1]}")
@@ -162,6 +167,12 @@ def curves_figure(runs: dict[str, list[dict]], keys: list[tuple[str, ...]],
             if key.startswith("reward") and val is not None and math.isfinite(val):
                 ax.axhline(val, ls="--", lw=0.8, color="gray")
                 ax.annotate(rname, (0, val), fontsize=7, color="gray", va="bottom")
+                shown.append(val)
+        shown = [v for v in shown if v is not None and math.isfinite(v)]
+        if over and shown:
+            lo, hi = min(shown), max(shown)
+            pad = 0.1 * (hi - lo) or 0.1 * abs(hi) or 1.0
+            ax.set_ylim(lo - pad, hi + pad)
         ax.set(xlabel="round", ylabel=label)
         ax.legend(fontsize=8)
     fig.tight_layout()
