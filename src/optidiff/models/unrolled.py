@@ -60,9 +60,10 @@ from torch import Tensor, nn
 from .base import sigma_like
 from .registry import register_model
 
-__all__ = ["SOLVERS", "UnrolledScoreNet", "heavy_ball_bound"]
+__all__ = ["OPERATORS", "SOLVERS", "UnrolledScoreNet", "heavy_ball_bound"]
 
 SOLVERS = ("heavy_ball", "pcg")
+OPERATORS = ("band", "circulant")
 
 
 def heavy_ball_bound(steps: int, kappa: float) -> float:
@@ -80,11 +81,13 @@ class UnrolledScoreNet(nn.Module):
     (tokens ``x.view(B, length, channels)``). ``steps`` K, ``bandwidth`` of the Toeplitz Γ
     (clipped to length − 1), ``hidden`` width of the step-size network f (heavy ball only),
     ``solver`` "heavy_ball" (Fu et al.'s unrolled descent) or "pcg" (preconditioned conjugate
-    gradients, for ill-conditioned kernels).
+    gradients, for ill-conditioned kernels), ``operator`` "band" (the banded Toeplitz Γ) or
+    "circulant" (Γ the leading block of a learned nonnegative circulant spectrum; ``bandwidth``
+    unused), see the module docstring.
     """
 
     def __init__(self, length: int, channels: int, steps: int = 32, bandwidth: int = 16,
-                 hidden: int = 16, solver: str = "heavy_ball"):
+                 hidden: int = 16, solver: str = "heavy_ball", operator: str = "band"):
         super().__init__()
         for k, v in (("length", length), ("channels", channels), ("steps", steps),
                      ("hidden", hidden)):
@@ -94,10 +97,20 @@ class UnrolledScoreNet(nn.Module):
             raise ValueError(f"bandwidth must be an int >= 0, got bandwidth={bandwidth!r}")
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got solver={solver!r}")
+        if operator not in OPERATORS:
+            raise ValueError(f"operator must be one of {', '.join(OPERATORS)}, got "
+                             f"operator={operator!r}")
         self.length, self.channels, self.steps, self.solver = length, channels, steps, solver
+        self.operator = operator
         self.bandwidth = min(bandwidth, length - 1)
         self.input_shape = (length * channels,)
-        self.kernel_raw = nn.Parameter(F.one_hot(torch.tensor(0), self.bandwidth + 1).float())
+        # circulant embedding size: 2N for the band (its preconditioner), 4N for the circulant
+        # operator (room for a smooth kernel to decay before it wraps around)
+        self.embedding = (2 if operator == "band" else 4) * length
+        if operator == "band":
+            self.kernel_raw = nn.Parameter(F.one_hot(torch.tensor(0), self.bandwidth + 1).float())
+        else:  # log spectrum 0: all eigenvalues 1, Γ = I
+            self.log_spectrum = nn.Parameter(torch.zeros(self.embedding // 2 + 1))
         self.spatial_raw = nn.Parameter(torch.eye(channels))
         self.mean = nn.Parameter(torch.zeros(length, channels))
         if solver == "heavy_ball":
@@ -106,18 +119,32 @@ class UnrolledScoreNet(nn.Module):
             nn.init.constant_(self.floor[2].bias, -8.0)
         lag = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).abs()
         self.register_buffer("lag", lag, persistent=False)
-        m = torch.arange(2 * length)
-        self.register_buffer("wrap", torch.minimum(m, 2 * length - m), persistent=False)
+        m = torch.arange(self.embedding)
+        self.register_buffer("wrap", torch.minimum(m, self.embedding - m), persistent=False)
 
     # ------------------------------------------------------------------ the learned operator
     def kernel(self) -> Tensor:
-        """The learned kernel values g_0…g_bandwidth."""
-        return self.kernel_raw
+        """The learned kernel values: g_0…g_bandwidth (band) or g_0…g_{N−1} (circulant)."""
+        if self.operator == "band":
+            return self.kernel_raw
+        return torch.fft.irfft(self.log_spectrum.exp(), n=self.embedding)[:self.length]
+
+    def circulant_spectrum(self) -> Tensor:
+        """Eigenvalues (the first M/2 + 1; the rest mirror them) of the circulant embedding C_M
+        of Γ: the learned spectrum (circulant), or the FFT of the wrapped band clamped at 0."""
+        if self.operator == "circulant":
+            return self.log_spectrum.exp()
+        g = torch.cat([self.kernel_raw, self.kernel_raw.new_zeros(1)])
+        return torch.fft.rfft(g[self.wrap.clamp(max=self.bandwidth + 1)]).real.clamp(min=0)
 
     def temporal(self) -> Tensor:
-        """The learned banded Toeplitz Γ (N, N), shifted by ``max(0, −λ_min)·I`` so that
-        A = Γ⊗Λ + σ²I ⪰ σ²I stays positive definite (a banded truncation of a positive definite
-        kernel, or a kernel in training, can be indefinite; the shift is 0 for a PSD band)."""
+        """The learned Toeplitz Γ (N, N). The circulant operator is PSD by construction (a
+        principal block of a PSD circulant). The band is shifted by ``max(0, −λ_min)·I`` so
+        that A = Γ⊗Λ + σ²I ⪰ σ²I stays positive definite (a banded truncation of a positive
+        definite kernel, or a kernel in training, can be indefinite; the shift is 0 for a PSD
+        band)."""
+        if self.operator == "circulant":
+            return self.kernel()[self.lag]
         g = torch.cat([self.kernel_raw, self.kernel_raw.new_zeros(1)])
         t = g[self.lag.clamp(max=self.bandwidth + 1)]
         # the shift is a guard, held constant in the gradient
@@ -132,12 +159,18 @@ class UnrolledScoreNet(nn.Module):
     @torch.no_grad()
     def set_operator(self, kernel: Tensor, spatial: Tensor, mean: Tensor,
                      floor: float | None = None) -> UnrolledScoreNet:
-        """Set g (truncated to the band), Λ, μ (N·D,) or (N, D) and, if given, a σ-independent
-        floor m − σ² (e.g. λ_min(Γ⊗Λ)); returns self."""
+        """Set g (truncated to the band; for the circulant operator: wrapped into C_M, its
+        spectrum clamped at 1e-8 of its maximum), Λ, μ (N·D,) or (N, D) and, if given, a
+        σ-independent floor m − σ² (e.g. λ_min(Γ⊗Λ)); returns self."""
         kernel = torch.as_tensor(kernel).reshape(-1)
-        self.kernel_raw.zero_()
-        k = min(len(kernel), self.bandwidth + 1)
-        self.kernel_raw[:k] = kernel[:k]
+        if self.operator == "band":
+            self.kernel_raw.zero_()
+            k = min(len(kernel), self.bandwidth + 1)
+            self.kernel_raw[:k] = kernel[:k]
+        else:
+            g = torch.cat([kernel.double(), kernel.new_zeros(1, dtype=torch.float64)])
+            w = torch.fft.rfft(g[self.wrap.clamp(max=len(kernel))]).real
+            self.log_spectrum.copy_(w.clamp(min=1e-8 * w.max()).log())
         self.spatial_raw.copy_(torch.linalg.cholesky(torch.as_tensor(spatial, dtype=torch.float64)))
         self.mean.copy_(torch.as_tensor(mean).reshape(self.length, self.channels))
         if floor is not None:
@@ -148,6 +181,25 @@ class UnrolledScoreNet(nn.Module):
             self.floor[2].weight.zero_()
             self.floor[2].bias.fill_(float(torch.tensor(floor, dtype=torch.float64).expm1().log()))
         return self
+
+    @torch.no_grad()
+    def set_moments(self, data: Tensor) -> UnrolledScoreNet:
+        """Set the operator to the moment estimates of training sequences ``data`` (n, N·D): μ the
+        per-position mean, Ĉ_k the lag-k sample autocovariance averaged over the N − k position
+        pairs (Brockwell & Davis, "Time Series: Theory and Methods", 1991, §7.2), Λ = Ĉ_0 and
+        g_k = tr Ĉ_k / tr Ĉ_0 (only the product g·Λ is identifiable); returns self."""
+        x = torch.as_tensor(data).double().reshape(len(data), -1)
+        if x.shape[1] != self.input_shape[0] or len(x) < 2:
+            raise ValueError(f"data must have shape (n >= 2, {self.input_shape[0]}), got "
+                             f"{tuple(data.shape)}")
+        t = x.view(len(x), self.length, self.channels)
+        mean = t.mean(0)
+        t = t - mean
+        lags = self.length if self.operator == "circulant" else self.bandwidth + 1
+        c = torch.stack([torch.einsum("bid,bie->de", t[:, :self.length - k], t[:, k:])
+                         / ((len(t) - 1) * (self.length - k)) for k in range(lags)])
+        g = c.diagonal(dim1=1, dim2=2).sum(1)
+        return self.set_operator(g / g[0], (c[0] + c[0].T) / 2, mean)
 
     def step_sizes(self, sigma: Tensor, gamma: Tensor, lam: Tensor) -> tuple[Tensor, Tensor,
                                                                             Tensor, Tensor]:
@@ -165,12 +217,10 @@ class UnrolledScoreNet(nn.Module):
         residuals; ``sigma`` broadcastable to (B, 1, 1). Built from the detached operator: P only
         sets the speed of convergence to A⁻¹b, and eigh's gradient is singular at repeated
         eigenvalues (Λ = I at initialisation)."""
-        g = torch.cat([self.kernel_raw, self.kernel_raw.new_zeros(1)]).detach()
-        c = g[self.wrap.clamp(max=self.bandwidth + 1)].to(lam)
-        eig_c = torch.fft.rfft(c).real.clamp(min=0)                          # (N + 1,)
+        eig_c = self.circulant_spectrum().detach().to(lam)                  # (M/2 + 1,)
         b, v = torch.linalg.eigh(lam.detach())
-        denom = eig_c[:, None] * b.clamp(min=0) + sigma**2                  # (B?, N + 1, D)
-        M = 2 * self.length
+        denom = eig_c[:, None] * b.clamp(min=0) + sigma**2                  # (B?, M/2 + 1, D)
+        M = self.embedding
 
         def apply(r: Tensor) -> Tensor:
             f = torch.fft.rfft(r @ v, n=M, dim=1) / denom
