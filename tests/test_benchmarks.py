@@ -70,6 +70,22 @@ def test_gp_quick_reports_every_model_claim_and_floor(capsys):
     assert {r["model"] for r in result["rows"]} == set(gp.MODELS)
     assert all(r["w2_floor_sampler"] > 0 and r["score_err"] > 0 for r in result["rows"])
     ids = {c["id"] for c in result["claims"]}
-    assert set(gp.ASSERTED) <= ids and "goal_w2" in ids
+    assert set(gp.ASSERTED) <= ids and {"goal_w2_ou", "goal_w2_se"} <= ids
+    assert {(r["kernel"], r["n"]) for r in result["rows"]} == {
+        (k, n) for k in gp.KERNELS for n in result["sizes"]}
     assert [r["model"] for r in result["guidance"]] == ["exact", *gp.MODELS]
     assert "not written" in capsys.readouterr().out
+
+
+def test_gp_cell_gives_the_same_numbers_in_a_spawned_worker():
+    """Results do not depend on which process (or how many workers) runs a cell."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = ("se", 64, 4, 3, 40, False)
+    here = gp.cell(*args)["rows"]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = pool.submit(gp.cell, *args).result()["rows"]
+    drop = {"train_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in here] == [
+        {k: v for k, v in r.items() if k not in drop} for r in there]
