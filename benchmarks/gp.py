@@ -198,11 +198,12 @@ def run(quick: bool = False, threads: int | None = 1, steps: int | None = None,
     trained = {(*c, r["model"]): done[c]["models"][r["model"]] for c in done for r in done[c]["rows"]}
     guided = done[("ou", big, gN)]["guidance"]
     claims = _claims(rows, guided, lengths, sizes)
-    unrolled = trained[("ou", big, lengths[-1], "unrolled")]
     result = {"steps": steps, "lengths": list(lengths), "sizes": list(sizes), "rows": rows,
               "guidance": guided, "claims": claims, "seconds": time.perf_counter() - t_start,
               "workers": workers, "load_average": [load0, os.getloadavg()],
-              "learned_kernel": _learned_kernel(unrolled, GPTask(length=lengths[-1], n=big))}
+              "learned_kernel": [r for k in KERNELS for r in _learned_kernel(
+                  trained[(k, big, lengths[-1], "unrolled")], GPTask(length=lengths[-1],
+                                                                     kernel=k, n=big))]}
     if plots is not None:
         big_task = GPTask(length=lengths[-1], kernel="ou", n=big)
         result["plots"] = [str(_error_plot(rows, lengths, sizes, plots / "gp_error.png")),
@@ -224,7 +225,7 @@ def _learned_kernel(net: UnrolledScoreNet, task: GPTask) -> list[dict]:
     g_k·Λ is identifiable, so g_k·Λ_00 and g_k·Λ_01 are compared."""
     g, lam = net.kernel().detach().double(), net.spatial().detach().double()
     true = task.kernel_values()
-    return [{"lag": k, "learned g·Λ00": (g[k] * lam[0, 0]).item(),
+    return [{"kernel": task.kernel, "lag": k, "learned g·Λ00": (g[k] * lam[0, 0]).item(),
              "true g·Λ00": (true[k] * task.lam[0, 0]).item(),
              "learned g·Λ01": (g[k] * lam[0, 1]).item(),
              "true g·Λ01": (true[k] * task.lam[0, 1]).item()}
@@ -309,7 +310,9 @@ def _error_plot(rows, lengths, sizes, path: Path) -> Path:
                 y = [math.sqrt(_get(rows, kernel=kern, n=n, N=N, model=m)["score_err"] * N * 2)
                      for n in sizes]
                 a2.loglog(sizes, y, ls, marker="o", label=f"{m} ({kern}), N={N}")
-    a2.loglog(sizes, [y[0] * math.sqrt(sizes[0] / n) for n in sizes], "k--", lw=1,
+    y0 = math.sqrt(_get(rows, kernel="ou", n=sizes[0], N=lengths[0], model="transformer")
+                   ["score_err"] * lengths[0] * 2)
+    a2.loglog(sizes, [y0 * math.sqrt(sizes[0] / n) for n in sizes], "k--", lw=1,
               label="√(N/n) slope")
     a2.set(xlabel="training sequences n", title="against n")
     a2.legend(fontsize=6, ncol=2)
@@ -352,8 +355,8 @@ def _markdown(result: dict) -> str:
           (f"Look-ahead guidance toward mean(last 4 tokens) = 1 (σ_y = 0.1), N = "
            f"{result['lengths'][1]}:"), "", markdown_table(result["guidance"], digits=3), "",
           "Claims:", "", markdown_table(result["claims"], ["claim", "measured", "holds"]), "",
-          (f"The unrolled network's learned operator (N = {result['lengths'][-1]}, OU) against "
-           "the true Γ⊗Λ:"), "", markdown_table(result["learned_kernel"], digits=3), ""]
+          (f"The unrolled network's learned operator (N = {result['lengths'][-1]}, n = "
+           f"{result['sizes'][-1]}) against the true Γ⊗Λ:"), "", markdown_table(result["learned_kernel"], digits=3), ""]
     for p in result.get("plots", []):
         md.append(f"![{Path(p).stem}](benchmarks/results/{Path(p).name})")
     return "\n".join(md)
