@@ -177,8 +177,9 @@ def test_unrolled_set_moments_recovers_the_kernel_from_exact_draws(operator):
         net.set_moments(torch.zeros(4, 10))
 
 
-def test_unrolled_per_sample_sigma_and_round_trip(tmp_path):
-    net = UnrolledScoreNet(8, 2, steps=4, bandwidth=3)
+@pytest.mark.parametrize(("solver", "operator"), [("heavy_ball", "band"), ("pcg", "circulant")])
+def test_unrolled_per_sample_sigma_and_round_trip(tmp_path, solver, operator):
+    net = UnrolledScoreNet(8, 2, steps=4, bandwidth=3, solver=solver, operator=operator)
     x = torch.randn(5, 16)
     sig = torch.logspace(-1, 1, 5)
     rows = torch.cat([net(x[i:i + 1], sig[i]) for i in range(5)])
@@ -186,9 +187,11 @@ def test_unrolled_per_sample_sigma_and_round_trip(tmp_path):
     save_model(tmp_path / "m", net)
     again = load_model(tmp_path / "m")
     assert torch.equal(again(x, sig), net(x, sig))
-    assert net.kernel().shape == (4,)
+    assert net.kernel().shape == ((4,) if operator == "band" else (8,))
     with pytest.raises(ValueError, match="steps"):
         UnrolledScoreNet(8, 2, steps=0)
+    with pytest.raises(ValueError, match="operator"):
+        UnrolledScoreNet(8, 2, operator="dense")
 
 
 # ------------------------------------------------------------------------------ transformer
