@@ -70,7 +70,9 @@ def test_gp_quick_reports_every_model_claim_and_floor(capsys):
     assert {r["model"] for r in result["rows"]} == set(gp.MODELS)
     assert all(r["w2_floor_sampler"] > 0 and r["score_err"] > 0 for r in result["rows"])
     ids = {c["id"] for c in result["claims"]}
-    assert set(gp.ASSERTED) <= ids and "goal_w2" in ids
+    assert set(gp.ASSERTED) <= ids and {"goal_w2_ou", "goal_w2_se"} <= ids
+    assert {(r["kernel"], r["n"]) for r in result["rows"]} == {
+        (k, n) for k in gp.KERNELS for n in result["sizes"]}
     assert [r["model"] for r in result["guidance"]] == ["exact", *gp.MODELS]
     assert "not written" in capsys.readouterr().out
 
@@ -87,3 +89,17 @@ def test_guidance_subspace_quick_runs_every_section_and_claim(monkeypatch, tmp_p
     assert len(result["claims"]) == 7 and all(isinstance(c["holds"], bool) for c in result["claims"])
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
         "alg1_subspace_net.png", "alg1_timemlp.png", "alg2.png", "sphere_pareto.png"]
+
+
+def test_gp_cell_gives_the_same_numbers_in_a_spawned_worker():
+    """Results do not depend on which process (or how many workers) runs a cell."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = ("se", 64, 4, 3, 40, False)
+    here = gp.cell(*args)["rows"]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        there = pool.submit(gp.cell, *args).result()["rows"]
+    drop = {"train_s"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in here] == [
+        {k: v for k, v in r.items() if k not in drop} for r in there]

@@ -16,7 +16,7 @@ from optidiff.models import (
     load_model,
     save_model,
 )
-from optidiff.models.unrolled import heavy_ball_bound
+from optidiff.models.unrolled import heavy_ball_bound, nonnegative_spectrum
 from optidiff.tasks import make_task
 from optidiff.tasks.gp import GPTask, gaussian_conditional, kernel
 
@@ -133,8 +133,53 @@ def test_unrolled_with_the_true_operator_reproduces_the_exact_score(steps):
         assert rel < 1e-8
 
 
-def test_unrolled_per_sample_sigma_and_round_trip(tmp_path):
-    net = UnrolledScoreNet(8, 2, steps=4, bandwidth=3)
+@pytest.mark.parametrize("operator", ["band", "circulant"])
+def test_unrolled_pcg_with_the_true_operator_reproduces_the_exact_se_score(operator):
+    """The squared-exponential kernel (λ_min(Γ) ≈ 1e-15, κ ≈ 1e5 at σ = 0.01), where heavy ball
+    with 32 steps fails: 32 preconditioned CG steps match the exact Gaussian denoiser; the
+    circulant operator fits g through a nonnegative spectrum (to ~1e-7, its clamp)."""
+    task = GPTask(length=16, kernel="se", mean_amplitude=0.5)
+    net = UnrolledScoreNet(16, 2, steps=32, bandwidth=15, solver="pcg",
+                           operator=operator).double().set_operator(task.kernel_values(),
+                                                                    task.lam, task.mean)
+    assert torch.allclose(net.temporal(), task.gamma, atol=1e-6)
+    assert torch.linalg.eigvalsh(net.temporal()).min() >= -1e-12
+    exact = task.exact_model()
+    for s, tol in ((0.01, 1e-5 if operator == "band" else 3e-3), (0.1, 1e-4), (2.0, 1e-6)):
+        sigma = torch.tensor(s, dtype=F64)
+        x = _noisy(task, 32, s)
+        e, e0 = net(x, sigma), exact(x, sigma)
+        assert ((e - e0).norm() / e0.norm()).item() < tol, (s, operator)
+
+
+def test_nonnegative_spectrum_fits_a_psd_kernel_and_projects_an_indefinite_one():
+    g = kernel("se", torch.arange(16.0), 4.0)
+    w = nonnegative_spectrum(g, 64)
+    assert (w >= 0).all()
+    assert torch.allclose(torch.fft.irfft(w, n=64)[:16], g, atol=1e-7)
+    bad = torch.tensor([1.0, 0.9, 0.0, -0.9])  # not the start of any PSD Toeplitz
+    toeplitz = torch.fft.irfft(nonnegative_spectrum(bad, 8), n=8)[:4]
+    lag = (torch.arange(4)[:, None] - torch.arange(4)).abs()
+    assert torch.linalg.eigvalsh(toeplitz[lag]).min() >= -1e-12
+    with pytest.raises(ValueError, match="size"):
+        nonnegative_spectrum(g, 20)
+
+
+@pytest.mark.parametrize("operator", ["band", "circulant"])
+def test_unrolled_set_moments_recovers_the_kernel_from_exact_draws(operator):
+    task = GPTask(length=12, kernel="ou", mean_amplitude=0.5)
+    net = UnrolledScoreNet(12, 2, bandwidth=11, operator=operator, solver="pcg")
+    net.set_moments(task.sample_exact(8192, 0))
+    g, lam = net.kernel().detach().double(), net.spatial().detach().double()
+    assert torch.allclose(g * lam[0, 1], task.kernel_values() * task.lam[0, 1], atol=0.03)
+    assert torch.allclose(net.mean.detach().double().reshape(-1), task.mean, atol=0.05)
+    with pytest.raises(ValueError, match="data"):
+        net.set_moments(torch.zeros(4, 10))
+
+
+@pytest.mark.parametrize(("solver", "operator"), [("heavy_ball", "band"), ("pcg", "circulant")])
+def test_unrolled_per_sample_sigma_and_round_trip(tmp_path, solver, operator):
+    net = UnrolledScoreNet(8, 2, steps=4, bandwidth=3, solver=solver, operator=operator)
     x = torch.randn(5, 16)
     sig = torch.logspace(-1, 1, 5)
     rows = torch.cat([net(x[i:i + 1], sig[i]) for i in range(5)])
@@ -142,9 +187,11 @@ def test_unrolled_per_sample_sigma_and_round_trip(tmp_path):
     save_model(tmp_path / "m", net)
     again = load_model(tmp_path / "m")
     assert torch.equal(again(x, sig), net(x, sig))
-    assert net.kernel().shape == (4,)
+    assert net.kernel().shape == ((4,) if operator == "band" else (8,))
     with pytest.raises(ValueError, match="steps"):
         UnrolledScoreNet(8, 2, steps=0)
+    with pytest.raises(ValueError, match="operator"):
+        UnrolledScoreNet(8, 2, operator="dense")
 
 
 # ------------------------------------------------------------------------------ transformer

@@ -264,15 +264,20 @@ class GPTask:
 
     @torch.no_grad()
     def score_error(self, model: Any, sigmas: Any, *, n: int = 2048, seed: int = 0,
-                    batch_size: int = 1024) -> Tensor:
+                    batch_size: int = 1024, x0: Tensor | None = None) -> Tensor:
         """Excess DSM loss ``E‖model(x, σ) − ε*(x, σ)‖²/(N·D)`` at each σ of ``sigmas``, x = x0 +
-        σε with x0 exact draws (seeded by ``seed``); (len(sigmas),) float64."""
+        σε with x0 ``n`` exact draws or the given clean sequences ``x0`` (e.g. training rows, for
+        the generalisation gap), noise seeded by ``seed``; (len(sigmas),) float64."""
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
         if len(sigmas) == 0 or not (sigmas > 0).all():
             raise ValueError(f"sigmas must be positive, got {sigmas.tolist()}")
         exact = self.exact_model()
         g = rng.generator(rng.derive_seed("gp-score", self.seed, seed))
-        x0 = self.sample_exact(n, g, torch.float64)
+        if x0 is None:
+            x0 = self.sample_exact(n, g, torch.float64)
+        else:
+            x0 = self._tokens(x0).reshape(len(x0), -1)
+            n = len(x0)
         p = next(iter(getattr(model, "parameters", lambda: iter(()))()), None)
         dtype = p.dtype if p is not None else torch.float64
         out = []
