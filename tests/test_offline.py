@@ -274,6 +274,10 @@ def test_conditional_mlp_null_condition_and_config(tmp_path):
     torch.testing.assert_close(out[1], null[1])  # a NaN row is the null condition
     assert not torch.allclose(out[0], null[0])
     torch.testing.assert_close(m(x, sig, torch.tensor(0.3)), m(x, sig, torch.full((4,), 0.3)))
+    # a 0-d σ with a scalar or no condition embeds one row for the batch: the same outputs
+    s0 = torch.tensor(0.7)
+    torch.testing.assert_close(m(x, s0, torch.tensor(0.3)), m(x, sig, torch.full((4,), 0.3)))
+    torch.testing.assert_close(m(x, s0, None), null)
     with pytest.raises(ValueError, match="cond must have shape"):
         m(x, sig, torch.zeros(3))
     m2 = ConditionalMLP(5, cond_dim=2, hidden=8)

@@ -215,6 +215,34 @@ def test_run_problem_every_method_on_a_tiny_space():
         U.SuiteSettings(methods=("magic",))
 
 
+def test_parallel_cells_equal_the_serial_run():
+    """run_problems in 2 spawned workers (selection, then one cell per seed) gives the serial
+    run's records, settings and rank correlations; only the seconds differ."""
+    pytest.importorskip("holo")
+    st = U.SuiteSettings(n=8, seeds=(0, 1), methods=("uniform random", "evolution",
+                                                     "RCD prior-regularised"),
+                         ensemble=2, reward_kwargs={"hidden": 8, "depth": 1, "steps": 20},
+                         diffusion_steps=10, batch_size=32, model_kwargs={"hidden": 8,
+                                                                          "depth": 1},
+                         sample_steps=2, pool=1, reward_scales=(10.0,), penalties=(0.0,),
+                         prior_weights=(0.0, 0.5), likelihood_levels=2,
+                         evolution_generations=2)
+    params = {"lengths": [32], "n_offline": 256}
+
+    def strip(results):
+        return [{**r, "records": [{k: v for k, v in rec.items() if k != "seconds"}
+                                  for rec in r["records"]],
+                 "selection": [{k: v for k, v in row.items() if k != "seconds"}
+                               for row in r["selection"]]} for r in results]
+
+    serial = U.run_problems("ehrlich", params, st)
+    parallel = U.run_problems("ehrlich", params, st, workers=2)
+    assert [r["seed"] for r in serial[0]["records"]] == [0, 0, 0, 1, 1, 1]
+    assert strip(parallel) == strip(serial)
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        U.run_problems("ehrlich", params, st, workers=0)
+
+
 # ------------------------------------------------------------------------------------ Ehrlich
 
 def test_ehrlich_task_matches_pytorch_holo():

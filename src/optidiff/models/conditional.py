@@ -83,9 +83,10 @@ class ConditionalMLP(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         sig = sigma_like(sigma, x)
-        e = torch.cat([self.embed(torch.as_tensor(sigma, dtype=x.dtype,
-                                                  device=x.device).expand(len(x))),
-                       self.cond_embedding(cond, len(x), x)], dim=-1)
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        # a 0-d σ with a None or scalar condition: one embedding row, broadcast over the batch
+        rows = 1 if s.ndim == 0 and (cond is None or torch.as_tensor(cond).ndim == 0) else len(x)
+        e = torch.cat([self.embed(s.expand(rows)), self.cond_embedding(cond, rows, x)], dim=-1)
         h = self.inp(x / (sig**2 + self.sigma_data**2).sqrt())
         for i, film in enumerate(self.film):
             gamma, beta = film(e).chunk(2, dim=-1)

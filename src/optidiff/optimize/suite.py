@@ -43,7 +43,9 @@ the reward model's Spearman rank correlation with the oracle on the problem's he
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +62,8 @@ from .rewards import EnsembleReward, fit_reward, pseudo_label
 from .selection import holdout_split, select_setting
 
 __all__ = ["BASELINES", "GENERATIVE", "METHODS", "PriorObjective", "SequenceProblem",
-           "SuiteSettings", "evaluate", "penalised", "rank_correlation", "run_problem"]
+           "SuiteSettings", "evaluate", "penalised", "prior_rank_correlation", "problem_result",
+           "rank_correlation", "run_problem", "run_problems", "run_seed", "select_problem"]
 
 BASELINES = ("uniform random", "enumeration", "gradient ascent", "evolution")
 GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region",
@@ -142,12 +145,24 @@ def penalised(ensemble: EnsembleReward, lam: float) -> Callable[[Tensor], Tensor
 def rank_correlation(problem: SequenceProblem, reward: Callable[[Tensor], Tensor]) -> float:
     """Spearman's ρ between f̂ (or any score of the relaxed features, e.g. the prior's
     log-density) and the oracle on ``problem.heldout``."""
+    return _spearman(problem, pseudo_label(reward, problem.features(problem.heldout)))
+
+
+def _spearman(problem: SequenceProblem, pred: Tensor) -> float:
     from scipy.stats import spearmanr
 
-    h = problem.heldout
-    pred = pseudo_label(reward, problem.features(h)).numpy()
-    true = problem.oracle(h).double().numpy()
-    return float(spearmanr(pred, true).statistic)
+    true = problem.oracle(problem.heldout).double().numpy()
+    return float(spearmanr(pred.double().numpy(), true).statistic)
+
+
+def prior_rank_correlation(problem: SequenceProblem, prior: PriorObjective) -> float:
+    """Spearman's ρ between the prior's log-density and the oracle on ``problem.heldout``; on an
+    enumerable space read off :meth:`PriorObjective.space` (computed once for the row anyway)."""
+    if not problem.enumerable:
+        return rank_correlation(problem, prior.density)
+    x, _, lp = prior.space(problem.length)
+    index = {k: i for i, k in enumerate(B.seq_keys(x))}
+    return _spearman(problem, lp[[index[k] for k in B.seq_keys(problem.heldout)]])
 
 
 def evaluate(problem: SequenceProblem, candidates: Tensor, visible: set[bytes]) -> dict[str, Any]:
@@ -324,54 +339,164 @@ def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleRewar
     return {"reward_scale": scale, "trust_scale": ts, "penalty": lam, "prior_weight": beta}, table
 
 
+def select_problem(problem: SequenceProblem, st: SuiteSettings,
+                   progress: bool | None = None) -> dict[str, Any]:
+    """The settings every seed's generative rows use: :func:`select` on the first seed, its
+    validator the reward model of that seed fitted on the whole visible set; returns the chosen
+    ``setting``, the ``selection`` table and its ``seconds`` (a deterministic function of the
+    problem and ``st``, so it may run in any process)."""
+    t0 = time.perf_counter()
+    f = _fit(problem.x, problem.y, problem, st, st.seeds[0])
+    setting, table = select(problem, st, f, progress)
+    return {"setting": setting, "selection": table, "seconds": time.perf_counter() - t0}
+
+
+def run_seed(problem: SequenceProblem, st: SuiteSettings, seed: int,
+             chosen: dict[str, Any] | None, *, progress: bool | None = None,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every method of ``st.methods`` on ``problem`` for one ``seed``, the generative rows with
+    the settings ``chosen`` by :func:`select_problem` (None: no generative method); returns the
+    records (metrics of :func:`evaluate`, seconds) and the rank correlations with the oracle of
+    f̂ and (with "RCD prior-regularised") of the diffusion prior's log-density. Seconds of a
+    row count what it needs: the reward fit, the diffusion training and a share
+    ``1/len(st.seeds)`` of the selection for generative rows, its own generation."""
+    visible = set(B.seq_keys(problem.x))
+    records, rho_prior = [], None
+    t0 = time.perf_counter()
+    f = _fit(problem.x, problem.y, problem, st, seed)
+    t_reward = time.perf_counter() - t0
+    rho = rank_correlation(problem, f)
+    gen, t_train = None, 0.0
+    if any(m in GENERATIVE for m in st.methods):
+        if chosen is None:
+            raise ValueError(f"chosen=None but st.methods has generative rows: {st.methods}")
+        t1 = time.perf_counter()
+        gen = _Generator(_diffusion(problem.x, problem.y, f, problem, st, seed, progress),
+                         problem, st, seed, problem.x, problem.y)
+        t_train = time.perf_counter() - t1
+        if "RCD prior-regularised" in st.methods:
+            rho_prior = prior_rank_correlation(problem, gen.prior(f))
+    for name in st.methods:
+        t2 = time.perf_counter()
+        if name in GENERATIVE:
+            x = _generative(name, gen, f, visible, problem, st, chosen["setting"])
+            base = t_reward + t_train + chosen["seconds"] / len(st.seeds)
+        else:
+            x = _baseline(name, f, problem, st, visible, seed)
+            base = 0.0 if name == "uniform random" else t_reward
+        if x is None:
+            continue
+        rec = {"problem": problem.name, "method": name, "seed": seed,
+               **evaluate(problem, x, visible), "seconds": base + time.perf_counter() - t2}
+        records.append(rec)
+        if log:
+            log(f"{problem.name} seed {seed} {name}: p100 {rec['p100']:.3f} p50 "
+                f"{rec['p50']:.3f} novel {rec['novel']:.2f} dup {rec['duplicates']} "
+                f"feasible {rec['feasible']:.2f}")
+    return {"seed": seed, "records": records, "rank_correlation": rho,
+            "prior_rank_correlation": rho_prior}
+
+
+def problem_result(problem: SequenceProblem, st: SuiteSettings, chosen: dict[str, Any] | None,
+                   cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result of :func:`run_problem` from its parts: the selection and the per-seed cells
+    (in any order; assembled in the order of ``st.seeds``)."""
+    by_seed = {c["seed"]: c for c in cells}
+    if sorted(by_seed) != sorted(st.seeds):
+        raise ValueError(f"cells must hold each seed of {st.seeds} once, got {list(by_seed)}")
+    ordered = [by_seed[s] for s in st.seeds]
+    return {"problem": problem.name, "info": problem.info,
+            "setting": chosen["setting"] if chosen else {},
+            "selection": chosen["selection"] if chosen else [],
+            "rank_correlation": {c["seed"]: c["rank_correlation"] for c in ordered},
+            "prior_rank_correlation": {c["seed"]: c["prior_rank_correlation"] for c in ordered
+                                       if c["prior_rank_correlation"] is not None},
+            "records": [r for c in ordered for r in c["records"]],
+            "settings": dataclasses.asdict(st)}
+
+
 def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *,
                 progress: bool | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every method of ``st.methods`` on ``problem`` for every seed; returns the chosen settings,
-    the selection table, one record per (method, seed) (metrics of :func:`evaluate`, seconds)
-    and the rank correlation with the oracle per seed of f̂ and (with "RCD prior-regularised")
-    of the diffusion prior's log-density. Seconds of a row count what it needs: the reward fit,
-    the diffusion training (and the selection run) for generative rows, its own generation."""
-    visible = set(B.seq_keys(problem.x))
-    records, rho, rho_prior, setting, sel_table = [], {}, {}, {}, []
+    """Every method of ``st.methods`` on ``problem`` for every seed (:func:`select_problem`, then
+    :func:`run_seed` per seed); returns the chosen settings, the selection table, one record per
+    (method, seed) and the rank correlations of f̂ and of the prior per seed."""
+    chosen = (select_problem(problem, st, progress)
+              if any(m in GENERATIVE for m in st.methods) else None)
+    cells = [run_seed(problem, st, seed, chosen, progress=progress, log=log)
+             for seed in st.seeds]
+    return problem_result(problem, st, chosen, cells)
+
+
+#: per worker process: the problems of each (task, parameters) built once
+_PROBLEMS: dict[tuple[str, str], list[SequenceProblem]] = {}
+
+
+def _problems(task: str, params: str) -> list[SequenceProblem]:
+    from ..tasks import make_task
+
+    if (task, params) not in _PROBLEMS:
+        _PROBLEMS[task, params] = make_task(task, **json.loads(params)).problems()
+    return _PROBLEMS[task, params]
+
+
+def _log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _cell(task: str, params: str, st: SuiteSettings, i: int, seed: int | None,
+          chosen: dict[str, Any] | None, log: bool) -> dict[str, Any]:
+    """One unit of :func:`run_problems` in a worker: the selection of problem ``i`` (``seed``
+    None) or its run for one seed."""
+    problem = _problems(task, params)[i]
+    if seed is None:
+        return select_problem(problem, st, progress=False)
+    return run_seed(problem, st, seed, chosen, progress=False,
+                    log=_log_stderr if log else None)
+
+
+def run_problems(task: str, params: dict[str, Any], st: SuiteSettings = SuiteSettings(), *,
+                 workers: int = 1, threads: int = 1,
+                 log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`run_problem` on every problem of ``make_task(task, **params)``; with ``workers``
+    > 1 the selections and the (problem, seed) cells run in that many spawned processes of
+    ``threads`` torch threads each (a problem's seeds start once its selection is done). Every
+    random draw of a cell comes from its problem and seed, so the results equal the serial run's
+    (``workers = 1``, in this process) apart from the seconds; in workers, ``log`` (any value
+    but None) turns on their progress lines on stderr."""
+    from ..tasks import make_task
+
+    for name, v in (("workers", workers), ("threads", threads)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {name}={v!r}")
+    problems = make_task(task, **params).problems()
+    if workers == 1:
+        return [run_problem(p, st, progress=False, log=log) for p in problems]
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    key = json.dumps(params, sort_keys=True)
     need_gen = any(m in GENERATIVE for m in st.methods)
-    t_select = 0.0
-    for k, seed in enumerate(st.seeds):
-        t0 = time.perf_counter()
-        f = _fit(problem.x, problem.y, problem, st, seed)
-        t_reward = time.perf_counter() - t0
-        rho[seed] = rank_correlation(problem, f)
-        if need_gen and k == 0:
-            t1 = time.perf_counter()
-            setting, sel_table = select(problem, st, f, progress)
-            t_select = time.perf_counter() - t1
-        gen, t_train = None, 0.0
-        if need_gen:
-            t1 = time.perf_counter()
-            gen = _Generator(_diffusion(problem.x, problem.y, f, problem, st, seed, progress),
-                             problem, st, seed, problem.x, problem.y)
-            t_train = time.perf_counter() - t1
-            if "RCD prior-regularised" in st.methods:
-                rho_prior[seed] = rank_correlation(problem, gen.prior(f).density)
-        for name in st.methods:
-            t2 = time.perf_counter()
-            if name in GENERATIVE:
-                x = _generative(name, gen, f, visible, problem, st, setting)
-                base = t_reward + t_train + t_select / len(st.seeds)
-            else:
-                x = _baseline(name, f, problem, st, visible, seed)
-                base = 0.0 if name == "uniform random" else t_reward
-            if x is None:
-                continue
-            rec = {"problem": problem.name, "method": name, "seed": seed,
-                   **evaluate(problem, x, visible),
-                   "seconds": base + time.perf_counter() - t2}
-            records.append(rec)
-            if log:
-                log(f"{problem.name} seed {seed} {name}: p100 {rec['p100']:.3f} p50 "
-                    f"{rec['p50']:.3f} novel {rec['novel']:.2f} dup {rec['duplicates']} "
-                    f"feasible {rec['feasible']:.2f}")
-    return {"problem": problem.name, "info": problem.info, "setting": setting,
-            "selection": sel_table, "rank_correlation": rho,
-            "prior_rank_correlation": rho_prior, "records": records,
-            "settings": dataclasses.asdict(st)}
+    chosen: dict[int, dict[str, Any] | None] = {i: None for i in range(len(problems))}
+    cells: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(problems))}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as ex:
+        def submit(i: int, seed: int | None) -> None:
+            fut = ex.submit(_cell, task, key, st, i, seed, chosen[i], log is not None)
+            pending[fut] = (i, seed)
+
+        pending: dict[Any, tuple[int, int | None]] = {}
+        for i in range(len(problems)):
+            for seed in ((None,) if need_gen else st.seeds):
+                submit(i, seed)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                i, seed = pending.pop(fut)
+                if seed is not None:
+                    cells[i].append(fut.result())
+                    continue
+                chosen[i] = fut.result()
+                for s in st.seeds:
+                    submit(i, s)
+    return [problem_result(p, st, chosen[i], cells[i]) for i, p in enumerate(problems)]
