@@ -82,7 +82,7 @@ def _dsm_step(net, opt, ft, data, weights, gens):
 
 def _emulate(model, *, rounds, batch_size, seed, increment=None, target=None,
              gradient_at="sample", steps_per_round=None):
-    """Algorithm 1 (Algorithm 2 with ``steps_per_round``: DSM fine-tuning on all rounds so far)
+    """Algorithm 1 (Algorithm 2 with ``steps_per_round``: DSM fine-tuning on the rounds so far)
     written out on one process with rank r's stream rank_seed(seed, r) for rows shard(B, r, 2):
     (samples of every round, history records)."""
     gens = [rng.generator(rank_seed(seed, r)) for r in range(WORLD)]
@@ -127,7 +127,10 @@ def _emulate(model, *, rounds, batch_size, seed, increment=None, target=None,
         if steps_per_round:
             buffer.append(z)
             data = torch.cat(buffer)
-            weights = torch.full((len(data),), 1 / len(buffer) / batch_size, dtype=torch.float64)
+            # round j weighted ∝ 0.9^(k − j), the default replay_decay for a network
+            per_round = torch.tensor([0.9 ** (len(buffer) - 1 - j) for j in range(len(buffer))],
+                                     dtype=torch.float64)
+            weights = (per_round / per_round.sum() / batch_size).repeat_interleave(batch_size)
             model.train()
             for _ in range(steps_per_round):
                 extra["finetune_loss"] = _dsm_step(model, opt, ft, data, weights, gens)
