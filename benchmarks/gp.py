@@ -31,18 +31,16 @@ every draw is seeded from the cell alone, so the numbers do not depend on the wo
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from benchmarks.common import finish, markdown_table, parser, set_threads
+from benchmarks.common import finish, markdown_table, parallel_map, parser, set_threads
 
 import optidiff as od
 from optidiff import rng
@@ -160,14 +158,20 @@ def cell(kern: str, n: int, N: int, steps: int, n_samples: int, guide: bool) -> 
     return out
 
 
+def _job(job: tuple[str, tuple]) -> dict:
+    """One task of the worker pool: ``("cell", args)`` or ``("floors", args)``."""
+    kind, args = job
+    return (cell if kind == "cell" else floors)(*args)
+
+
 def run(quick: bool = False, threads: int | None = 1, steps: int | None = None,
         lengths: tuple[int, ...] | None = None, plots: Path | None = None,
         workers: int = 2) -> dict:
     """Every (kernel, n, N) cell and every (kernel, N) floor as a task of ``workers`` spawned
-    processes (1 torch thread each; ``workers`` = 0: in this process), longest first."""
+    processes (1 torch thread each; ``workers`` = 1: in this process), longest first."""
     set_threads(threads)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an int >= 0, got workers={workers!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got workers={workers!r}")
     steps = steps or (10 if quick else 800)
     lengths = lengths or ((4, 8) if quick else (16, 32, 64, 128))
     sizes = (128, 512) if quick else (2048, 16384)
@@ -176,24 +180,11 @@ def run(quick: bool = False, threads: int | None = 1, steps: int | None = None,
     cells = sorted(((k, n, N) for k in KERNELS for n in sizes for N in lengths),
                    key=lambda c: -c[2])
     t_start, load0 = time.perf_counter(), os.getloadavg()
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            if workers else None)
-
-    def submit(fn, *args):
-        if pool is None:
-            done = Future()
-            done.set_result(fn(*args))
-            return done
-        return pool.submit(fn, *args)
-
-    try:
-        jobs = {c: submit(cell, *c, steps, n_samples, c == ("ou", big, gN)) for c in cells}
-        floor_jobs = {(k, N): submit(floors, k, N, n_samples) for k in KERNELS for N in lengths}
-        done = {c: j.result() for c, j in jobs.items()}
-        floor = {c: j.result() for c, j in floor_jobs.items()}
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    floor_keys = [(k, N) for k in KERNELS for N in lengths]
+    out = parallel_map(_job, [("cell", (*c, steps, n_samples, c == ("ou", big, gN)))
+                              for c in cells] +
+                       [("floors", (*f, n_samples)) for f in floor_keys], workers)
+    done, floor = dict(zip(cells, out)), dict(zip(floor_keys, out[len(cells):]))
     order = {c: i for i, c in enumerate((k, n, N) for k in KERNELS for n in sizes
                                         for N in lengths)}
     rows = [{**r, **floor[(r["kernel"], r["N"])]}
@@ -380,7 +371,7 @@ def main(argv=None) -> dict:
     p.add_argument("--clock", default="wall", help="accepted for `optidiff bench all`; unused")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 800)")
     p.add_argument("--workers", type=int, default=2,
-                   help="worker processes, 1 torch thread each (default 2; 0: none)")
+                   help="worker processes, 1 torch thread each (default 2; 1: in this process)")
     args = p.parse_args(argv)
     write = not (args.no_write or (args.quick and not args.write))
     result = run(quick=args.quick, threads=args.threads, steps=args.steps,
