@@ -204,6 +204,38 @@ def test_condition_dropout(cond):
     assert (kept == cond).reshape(len(kept), len(cond), -1).all(-1).any(1).all()  # rows of cond
 
 
+def test_cosine_lr_schedule_matches_torch_cosine_annealing(monkeypatch, tmp_path):
+    """The learning rate of every AdamW step against torch's own CosineAnnealingLR (T_max =
+    steps, eta_min = 0), and a cosine run resumed half-way ends bitwise as the uninterrupted one."""
+    seen, step = [], torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    kw = {"batch_size": 16, "lr": 0.01, "lr_schedule": "cosine", "progress": False,
+          "checkpoint_every": 4}
+    full = od.train(small_mlp(), DATA, steps=8, run_dir=tmp_path / "a", **kw)
+    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=8)
+    expected = []
+    for _ in range(8):
+        expected.append(ref.get_last_lr()[0])
+        ref_opt.step()
+        ref.step()
+    assert seen == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(Interrupted):  # killed during step 6: resumes from step 4
+        od.train(Flaky(small_mlp(), at=6), DATA, steps=8, run_dir=tmp_path / "b", **kw)
+    with pytest.raises(ValueError, match="lr_schedule"):  # the schedule spans the steps
+        od.train(Flaky(small_mlp(), at=10**9), DATA, steps=12, run_dir=tmp_path / "b",
+                 resume=True, **kw)
+    resumed = od.train(Flaky(small_mlp(1), at=10**9), DATA, steps=8, run_dir=tmp_path / "b",
+                       resume=True, **kw)
+    resumed.model, resumed.ema = resumed.model.inner, resumed.ema.inner
+    _assert_bitwise_equal(_state(full), _state(resumed))
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"), ({"lr": 0.0}, "lr"),
     ({"lr": math.inf}, "lr"), ({"ema_decay": 1.0}, "ema_decay"), ({"cond_drop": 1.0}, "cond_drop"),
@@ -213,7 +245,7 @@ def test_condition_dropout(cond):
     ({"cond": torch.zeros(3, dtype=torch.long)}, "cond"), ({"seed": 1.5}, "seed"),
     ({"data": torch.zeros(0, 2)}, "data"), ({"data": torch.tensor([[0.0, math.nan]])}, "data"),
     ({"data": torch.zeros(4, 2, dtype=torch.long)}, "data"),
-    ({"schedule": torch.zeros(3)}, "schedule"),
+    ({"schedule": torch.zeros(3)}, "schedule"), ({"lr_schedule": "linear"}, "lr_schedule"),
 ])
 def test_bad_arguments(kwargs, name):
     args = {"steps": 5, "data": DATA, **kwargs}

@@ -244,6 +244,7 @@ class TrainSection(Section):
     steps: int | None = Field(None, gt=0, le=10**9)
     batch_size: int | None = Field(None, gt=0, le=10**7)
     lr: float | None = Pos
+    lr_schedule: Literal["constant", "cosine"] | None = None
     weight_decay: float | None = Field(None, ge=0, allow_inf_nan=False)
     ema_decay: float | None = Field(None, ge=0, lt=1)
     grad_clip: float | None = Pos

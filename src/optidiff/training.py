@@ -48,7 +48,10 @@ from .models.registry import load_model, model_to_config, save_model
 from .sampling import progress_off
 from .schedules import LogLinearSchedule, Schedule
 
-__all__ = ["TrainResult", "dsm_loss", "load_model", "save_model", "train"]
+__all__ = ["LR_SCHEDULES", "TrainResult", "dsm_loss", "load_model", "save_model", "train"]
+
+#: the learning-rate schedules of :func:`train`
+LR_SCHEDULES = ("constant", "cosine")
 
 # ----------------------------------------------------------------------------------------------
 # loss
@@ -106,7 +109,8 @@ def _sigma_table(schedule: Schedule | Tensor | None) -> Tensor:
 
 
 def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip,
-                cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision) -> None:
+                cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision,
+                lr_schedule) -> None:
     def positive_int(name: str, v: Any) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {name}={v!r}")
@@ -121,6 +125,9 @@ def _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_deca
     rng.check_seed(seed)
     if not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be positive and finite, got lr={lr!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                         f"lr_schedule={lr_schedule!r}")
     if not (math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be >= 0, got weight_decay={weight_decay!r}")
     if not 0 <= ema_decay < 1:
@@ -164,7 +171,7 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
           run_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
           resume: bool = False, progress: bool | None = None, log_every: int = 100,
           device: torch.device | str | None = None, precision: str = "fp32",
-          num_workers: int = 0) -> TrainResult:
+          num_workers: int = 0, lr_schedule: str = "constant") -> TrainResult:
     """Train an ε-model by denoising score matching (:func:`dsm_loss`) with AdamW.
 
     ``data`` is a tensor (N, *dims), a NumPy array or memmap, a map-style ``Dataset``, an
@@ -176,7 +183,10 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
     σ ∈ [0.02, 10], 1000 levels, for data scaled to unit variance), and noise; clips the gradient
     to global norm ``grad_clip``; takes an AdamW step; updates the EMA
     ``θ_ema ← d·θ_ema + (1−d)·θ`` with ``d = min(ema_decay, (1+t)/(10+t))`` at update t (the
-    warm-up of TensorFlow's ExponentialMovingAverage and diffusers' EMAModel).
+    warm-up of TensorFlow's ExponentialMovingAverage and diffusers' EMAModel). ``lr_schedule``:
+    ``"constant"``, or ``"cosine"``: ``lr_t = lr·½(1 + cos(π t/steps))`` at update t = 0, …,
+    steps − 1 (Loshchilov & Hutter, "SGDR", ICLR 2017, one cycle without restarts; it depends on
+    ``steps``, so a resumed cosine run must keep them).
 
     Conditioning: ``cond`` (N,) integer labels or (N,)/(N, k) float values aligned with a tensor
     or array ``data`` (a dataset or loader yields ``(x, cond)`` pairs instead);
@@ -206,7 +216,8 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
     ``FloatingPointError`` there, naming the first bad step, before any checkpoint is written.
     """
     _check_args(model, data, cond, steps, batch_size, lr, weight_decay, ema_decay, grad_clip,
-                cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision)
+                cond_drop, log_every, checkpoint_every, resume, run_dir, seed, precision,
+                lr_schedule)
     table = _sigma_table(schedule)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -217,7 +228,8 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
                       ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, cond_drop=cond_drop,
                       run_dir=None if run_dir is None else Path(run_dir),
                       checkpoint_every=checkpoint_every, resume=resume, progress=progress,
-                      log_every=log_every, precision=precision, num_workers=num_workers)
+                      log_every=log_every, precision=precision, num_workers=num_workers,
+                      lr_schedule=lr_schedule)
     finally:
         if created:
             dist.destroy_process_group()
@@ -225,13 +237,15 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
 
 def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch_size, lr,
            weight_decay, ema_decay, grad_clip, seed, cond_drop, run_dir, checkpoint_every, resume,
-           progress, log_every, precision, num_workers) -> TrainResult:
+           progress, log_every, precision, num_workers, lr_schedule) -> TrainResult:
     stream = batch_stream(data, cond, batch_size=batch_size, seed=seed, rank=rank, world=world,
                           num_workers=num_workers)
     settings = {"batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                 "ema_decay": ema_decay, "grad_clip": grad_clip, "seed": seed,
                 "cond_drop": cond_drop, "world_size": world, "data": stream.describe,
                 "precision": precision}
+    if lr_schedule != "constant":  # absent for the default, so older checkpoints still resume
+        settings["lr_schedule"] = f"{lr_schedule} over {steps} steps"
     # DDP broadcasts rank 0's parameters when it wraps the model: copy the EMA after that
     net = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -279,6 +293,9 @@ def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch
             if grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(params, grad_clip)
+            if lr_schedule == "cosine":
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * t / steps))
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():  # the EMA must not join the autograd graph

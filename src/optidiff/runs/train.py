@@ -42,7 +42,8 @@ __all__ = ["MODEL_DEFAULTS", "SAMPLER_DEFAULTS", "TRAIN_DEFAULTS", "train_comman
 #: what a train config's unset keys mean
 MODEL_DEFAULTS = {"timemlp": {"hidden": 128, "depth": 3, "emb_dim": 64}, "unet": {},
                   "conditional_mlp": {}, "subspace_net": {}, "transformer": {}, "unrolled": {}}
-TRAIN_DEFAULTS = {"steps": 5000, "batch_size": 256, "lr": 1e-3, "weight_decay": 0.0,
+TRAIN_DEFAULTS = {"steps": 5000, "batch_size": 256, "lr": 1e-3, "lr_schedule": "constant",
+                  "weight_decay": 0.0,
                   "ema_decay": 0.999, "grad_clip": 1.0, "seed": 0, "checkpoint_every": None,
                   "log_every": 100}
 SAMPLER_DEFAULTS = {"name": "ge", "steps": 10, "batch_size": 2000, "seed": 0, "final_zero": True,
