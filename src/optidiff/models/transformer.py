@@ -22,9 +22,12 @@ Architecture (:class:`SequenceTransformer`):
 model built for another length (or other times) loads the same state dict.
 
 Cost: attention is O(N²·d) per layer and the rest O(N·d²), so a training step at N = 128 costs
-about 8× one at N = 16 (N·d² dominates at d = 64). What limits it at N = 128 on a CPU is steps
-per second, not capacity: at equal steps it learns N = 128 about as well as N = 16, at equal wall
-time it gets ~8× fewer steps.
+about 8–10× one at N = 16. Measured on one CPU thread (width 32, 2 blocks, 2 heads, batch 128,
+torch 2.13): 0.01 s a step at N = 16, 0.10 s at N = 128, of which the matrix products of the
+linear layers take 41 %, the fused attention forward and backward 21 % and the SiLU backward
+10 % (``torch.profiler``). What limits it at N = 128 on a CPU is steps per second, not capacity:
+at equal steps it learns N = 128 about as well as N = 16 (the ``gp`` benchmark), at equal wall
+time it gets ~10× fewer steps.
 """
 
 from __future__ import annotations
