@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -201,8 +202,8 @@ def test_run_problem_every_method_on_a_tiny_space():
     methods = [r["method"] for r in res["records"]]
     assert methods == list(U.METHODS)
     assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty", "prior_weight"}
-    # scales (0, 10); trust: the same × λ (0, 1); prior weights (0, 0.1, 0.25, 0.5)
-    assert len(res["selection"]) == 2 + 2 * 2 + 4
+    # scales (0, 10); trust: the same × λ (0, 1); the default prior weights
+    assert len(res["selection"]) == 2 + 2 * 2 + len(st.prior_weights)
     for r in res["records"]:   # the reported metrics are those of the distinct candidates' scores
         s = np.asarray(r["scores"])
         assert r["unique"] == len(s) >= 1 and r["unique"] + r["duplicates"] == r["generated"]
@@ -213,6 +214,18 @@ def test_run_problem_every_method_on_a_tiny_space():
     assert -1 <= res["rank_correlation"][0] <= 1 and -1 <= res["prior_rank_correlation"][0] <= 1
     with pytest.raises(ValueError, match="unknown methods"):
         U.SuiteSettings(methods=("magic",))
+
+
+def test_prior_weights_take_any_finite_value():
+    """Negative β (novelty: J penalises the prior's density) is a valid setting; NaN and ±inf
+    are rejected with the argument and the value named, by SuiteSettings and by the config."""
+    assert U.SuiteSettings(prior_weights=(0.0, -0.5)).prior_weights == (0.0, -0.5)
+    assert min(U.SuiteSettings().prior_weights) < 0 < max(U.SuiteSettings().prior_weights)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=rf"prior_weights must be finite, got {bad}"):
+            U.SuiteSettings(prior_weights=(0.0, bad))
+    with pytest.raises(ValueError, match="prior_weights must hold at least one value"):
+        U.SuiteSettings(prior_weights=())
 
 
 def test_parallel_cells_equal_the_serial_run():
@@ -318,6 +331,6 @@ def test_suite_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown"):
         load_config(cfg, "offline")
     cfg.write_text('[task]\nname = "ehrlich"\n[reward]\nkind = "mlp"\n[method]\nname = "suite"\n'
-                   '[suite]\nprior_weights = [-1.0]\n')
-    with pytest.raises(ConfigError, match="prior_weights"):
+                   '[suite]\nprior_weights = [0.0, nan]\n')
+    with pytest.raises(ConfigError, match="prior_weights must be finite, got nan"):
         load_config(cfg, "offline")
