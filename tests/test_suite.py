@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -178,10 +179,12 @@ def test_prior_objective_standardises_surrogate_and_density():
     z = p.features(p.x).double()
     d = GaussianDenoiser(z.mean(0), torch.cov(z.T) + 0.1 * torch.eye(z.shape[1]))
     obj = U.PriorObjective(f, d, 3, p.x, levels=24, seed=0)
-    tf, tl = obj.terms(p.x)
-    for t in (tf, tl):
-        assert abs(float(t.mean())) < 1e-6 and float(t.std()) == pytest.approx(1.0)
-    x, sf, sl = obj.space(4)
+    t = obj.terms(p.x)
+    assert list(t) == ["f", "density"]  # no top: no classifier term
+    for v in t.values():
+        assert abs(float(v.mean())) < 1e-6 and float(v.std()) == pytest.approx(1.0)
+    x, t = obj.space(4)
+    sf, sl = t["f"], t["density"]
     assert torch.equal(x, allx)
     from scipy.stats import spearmanr
     exact = d.log_density(p.features(x).double(), torch.tensor(0.0, dtype=torch.float64))
@@ -189,6 +192,30 @@ def test_prior_objective_standardises_surrogate_and_density():
     torch.testing.assert_close(obj.of(0.5)(p.features(x)), sf + 0.5 * sl)
     visible = set(B.seq_keys(p.x))
     assert torch.equal(B.top_new(x, sf, 8, visible), B.enumeration(f, 4, 3, 8, visible))
+    with pytest.raises(ValueError, match="term='classifier'"):
+        obj.of(0.5, "classifier")
+
+
+def test_implicit_classifier_is_the_difference_of_two_log_densities():
+    """r(x) = log p̂(x | top) − log p̂(x | ∅): the classifier term equals two independent
+    log_density calls (same seed) subtracted, standardised on the reference set; of(β,
+    "classifier") is z(f̂) + β·z(r)."""
+    from optidiff.models import ConditionalMLP
+    from optidiff.optimize.likelihood import log_density
+
+    p, _ = _problem(C=3, L=4, n_visible=40)
+    _, f = _additive(3, 4, seed=2)
+    z_ref, z = p.features(p.x), p.features(p.x[:7])
+    torch.manual_seed(0)
+    model = ConditionalMLP(z.shape[1], hidden=16, depth=1).eval()
+    obj = U.PriorObjective(f, model, 3, p.x, levels=4, seed=3, top=1.5)
+    r_ref, r = (log_density(model, v, levels=4, seed=3, cond=1.5)
+                - log_density(model, v, levels=4, seed=3, cond=math.nan) for v in (z_ref, z))
+    expected = (r - r_ref.mean()) / r_ref.std()
+    torch.testing.assert_close(obj.terms(p.x[:7])["classifier"], expected)
+    torch.testing.assert_close(obj.of(0.5, "classifier")(z),
+                               obj.terms(p.x[:7])["f"] + 0.5 * expected)
+    assert not torch.equal(obj.terms(p.x[:7])["classifier"], obj.terms(p.x[:7])["density"])
 
 
 def test_run_problem_every_method_on_a_tiny_space():
@@ -200,9 +227,10 @@ def test_run_problem_every_method_on_a_tiny_space():
     res = U.run_problem(p, st, progress=False)
     methods = [r["method"] for r in res["records"]]
     assert methods == list(U.METHODS)
-    assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty", "prior_weight"}
-    # scales (0, 10); trust: the same × λ (0, 1); prior weights (0, 0.1, 0.25, 0.5)
-    assert len(res["selection"]) == 2 + 2 * 2 + 4
+    assert set(res["setting"]) == {"reward_scale", "trust_scale", "penalty", "prior_weight",
+                                   "classifier_weight"}
+    # scales (0, 10); trust: the same × λ (0, 1); the default β grid for both prior rows
+    assert len(res["selection"]) == 2 + 2 * 2 + 2 * len(st.prior_weights)
     for r in res["records"]:   # the reported metrics are those of the distinct candidates' scores
         s = np.asarray(r["scores"])
         assert r["unique"] == len(s) >= 1 and r["unique"] + r["duplicates"] == r["generated"]
@@ -213,6 +241,18 @@ def test_run_problem_every_method_on_a_tiny_space():
     assert -1 <= res["rank_correlation"][0] <= 1 and -1 <= res["prior_rank_correlation"][0] <= 1
     with pytest.raises(ValueError, match="unknown methods"):
         U.SuiteSettings(methods=("magic",))
+
+
+def test_prior_weights_take_any_finite_value():
+    """Negative β (novelty: J penalises the prior's density) is a valid setting; NaN and ±inf
+    are rejected with the argument and the value named, by SuiteSettings and by the config."""
+    assert U.SuiteSettings(prior_weights=(0.0, -0.5)).prior_weights == (0.0, -0.5)
+    assert min(U.SuiteSettings().prior_weights) < 0 < max(U.SuiteSettings().prior_weights)
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match=rf"prior_weights must be finite, got {bad}"):
+            U.SuiteSettings(prior_weights=(0.0, bad))
+    with pytest.raises(ValueError, match="prior_weights must hold at least one value"):
+        U.SuiteSettings(prior_weights=())
 
 
 def test_parallel_cells_equal_the_serial_run():
@@ -318,6 +358,6 @@ def test_suite_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown"):
         load_config(cfg, "offline")
     cfg.write_text('[task]\nname = "ehrlich"\n[reward]\nkind = "mlp"\n[method]\nname = "suite"\n'
-                   '[suite]\nprior_weights = [-1.0]\n')
-    with pytest.raises(ConfigError, match="prior_weights"):
+                   '[suite]\nprior_weights = [0.0, nan]\n')
+    with pytest.raises(ConfigError, match="prior_weights must be finite, got nan"):
         load_config(cfg, "offline")

@@ -471,8 +471,9 @@ class SuiteSection(Section):
                                        min_length=1, max_length=100)
     penalties: list[float] = Field(default_factory=lambda: [0.0, 1.0, 2.0], min_length=1,
                                    max_length=100)
-    prior_weights: list[float] = Field(default_factory=lambda: [0.0, 0.1, 0.25, 0.5],
-                                       min_length=1, max_length=100)
+    prior_weights: list[float] = Field(
+        default_factory=lambda: [0.0, -0.1, 0.1, -0.25, 0.25, -0.5, 0.5], min_length=1,
+        max_length=100)
     likelihood_levels: int = Field(16, ge=2, le=10_000)
     reward_clip: float = Field(5.0, gt=0, allow_inf_nan=False)
     holdout: float = Field(0.2, gt=0, lt=1)
@@ -485,8 +486,12 @@ class SuiteSection(Section):
         bad = [m for m in self.methods or [] if m not in METHODS]
         if bad:
             raise ValueError(f"methods: unknown {bad}; choose from {', '.join(METHODS)}")
-        if any(s < 0 for s in self.reward_scales + self.penalties + self.prior_weights):
-            raise ValueError("reward_scales, penalties and prior_weights must be >= 0")
+        if any(s < 0 for s in self.reward_scales + self.penalties):
+            raise ValueError("reward_scales and penalties must be >= 0")
+        bad = [b for b in self.prior_weights if not math.isfinite(b)]
+        if bad:
+            raise ValueError(f"prior_weights must be finite, got {bad[0]} in "
+                             f"prior_weights={self.prior_weights}")
         return self
 
 

@@ -31,9 +31,15 @@ budget of ``n`` candidates:
   (:func:`~optidiff.optimize.likelihood.log_density`) and ``z`` the standardisation on the visible
   set; maximised by enumeration where the space is small, else by the evolution baseline's
   ``pytorch-holo`` evolution from the same start. β = 0 is exactly the enumeration / evolution
-  baseline, so the row isolates what the prior adds.
+  baseline, so the row isolates what the prior adds; β < 0 seeks novelty (J penalises the density
+  of a prior fitted on the visible set, which on Design-Bench splits is the bottom half);
+- **RCD implicit classifier**: the same ranking with the model's implicit classifier in place of
+  its density, ``J_β(x) = z(f̂(x)) + β·z(r(x))``, ``r(x) = log p̂(x | y_top) − log p̂(x | ∅)``
+  (by Bayes ``log p̂(y_top | x)`` up to a constant: the classifier that classifier-free guidance
+  follows, Ho & Salimans 2021), ``y_top`` the largest pseudo-label (the tutorial row's target): a
+  second estimate of how good ``x`` is, learned by the diffusion model from f̂'s pseudo-labels.
 
-The guidance scale, ``λ`` and β are chosen by :mod:`optidiff.optimize.selection` (held-out top,
+The guidance scale, ``λ`` and both β are chosen by :mod:`optidiff.optimize.selection` (held-out top,
 no oracle) on the first seed and used for every seed. Every method's candidates are de-duplicated
 before scoring (:func:`evaluate`): 100th/50th percentile of the oracle's normalised score
 (infeasible sequences score 0), share feasible, novel (not in the visible set), duplicates, and
@@ -61,14 +67,17 @@ from .offline import reward_conditioned
 from .rewards import EnsembleReward, fit_reward, pseudo_label
 from .selection import holdout_split, select_setting
 
-__all__ = ["BASELINES", "GENERATIVE", "METHODS", "PriorObjective", "SequenceProblem",
+__all__ = ["BASELINES", "GENERATIVE", "METHODS", "PRIOR_ROWS", "PriorObjective", "SequenceProblem",
            "SuiteSettings", "evaluate", "penalised", "prior_rank_correlation", "problem_result",
            "rank_correlation", "run_problem", "run_problems", "run_seed", "select_problem"]
 
 BASELINES = ("uniform random", "enumeration", "gradient ascent", "evolution")
 GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region",
-              "RCD trust region + evolution", "RCD prior-regularised")
+              "RCD trust region + evolution", "RCD prior-regularised", "RCD implicit classifier")
 METHODS = BASELINES + GENERATIVE
+#: the rows ranking by z(f̂) + β·z(term): their term of :class:`PriorObjective` and setting key
+PRIOR_ROWS = {"RCD prior-regularised": ("density", "prior_weight"),
+              "RCD implicit classifier": ("classifier", "classifier_weight")}
 
 
 @dataclass
@@ -101,7 +110,8 @@ class SequenceProblem:
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    """Sizes of a suite run (the defaults are the benchmark's)."""
+    """Sizes of a suite run (the defaults are the benchmark's); ``prior_weights`` is the β grid
+    of both rows of ``PRIOR_ROWS``."""
 
     n: int = 128
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -116,7 +126,7 @@ class SuiteSettings:
     pool: int = 4
     reward_scales: tuple[float, ...] = (30.0, 100.0, 300.0, 1000.0)
     penalties: tuple[float, ...] = (0.0, 1.0, 2.0)
-    prior_weights: tuple[float, ...] = (0.0, 0.1, 0.25, 0.5)
+    prior_weights: tuple[float, ...] = (0.0, -0.1, 0.1, -0.25, 0.25, -0.5, 0.5)
     likelihood_levels: int = 16
     reward_clip: float = 5.0
     holdout: float = 0.2
@@ -126,9 +136,13 @@ class SuiteSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-        if any(b < 0 for b in self.prior_weights) or not self.prior_weights:
-            raise ValueError(f"prior_weights must be a non-empty list of values >= 0, got "
-                             f"{self.prior_weights}")
+        if not self.prior_weights:
+            raise ValueError(f"prior_weights must hold at least one value, got "
+                             f"prior_weights={self.prior_weights}")
+        bad = [b for b in self.prior_weights if not math.isfinite(b)]
+        if bad:
+            raise ValueError(f"prior_weights must be finite, got {bad[0]} in "
+                             f"prior_weights={self.prior_weights}")
         if self.n < 1 or self.pool < 1 or not self.seeds:
             raise ValueError(f"need n >= 1, pool >= 1 and at least one seed, got n={self.n}, "
                              f"pool={self.pool}, seeds={self.seeds}")
@@ -160,9 +174,9 @@ def prior_rank_correlation(problem: SequenceProblem, prior: PriorObjective) -> f
     enumerable space read off :meth:`PriorObjective.space` (computed once for the row anyway)."""
     if not problem.enumerable:
         return rank_correlation(problem, prior.density)
-    x, _, lp = prior.space(problem.length)
+    x, t = prior.space(problem.length)
     index = {k: i for i, k in enumerate(B.seq_keys(x))}
-    return _spearman(problem, lp[[index[k] for k in B.seq_keys(problem.heldout)]])
+    return _spearman(problem, t["density"][[index[k] for k in B.seq_keys(problem.heldout)]])
 
 
 def evaluate(problem: SequenceProblem, candidates: Tensor, visible: set[bytes]) -> dict[str, Any]:
@@ -197,53 +211,74 @@ def _diffusion(x: Tensor, y: Tensor, reward: EnsembleReward, problem: SequencePr
 
 
 class PriorObjective:
-    """``J_β(x) = z(f̂(x)) + β·z(log p̂(x))`` of integer sequences: f̂ the reward model, log p̂ the
-    null-condition (unconditional) density of the diffusion ``model`` by
-    :func:`~optidiff.optimize.likelihood.log_density` (``levels`` noise levels, noise from
-    ``seed``), each standardised by its mean and std on ``x_ref`` (the data both were fitted on).
-    ``terms(x)`` gives the two standardised terms; ``of(β)`` the objective on relaxed features,
-    as the optimizers of :mod:`~optidiff.optimize.baselines` take it."""
+    """``J_β(x) = z(f̂(x)) + β·z(g(x))`` of integer sequences: f̂ the reward model, g a term of the
+    diffusion ``model`` by :func:`~optidiff.optimize.likelihood.log_density` (``levels`` noise
+    levels, noise from ``seed`` and shared by every call):
+
+    - ``"density"``: ``log p̂(x | ∅)``, the null-condition (unconditional) density;
+    - ``"classifier"`` (when ``top`` is given): ``r(x) = log p̂(x | top) − log p̂(x | ∅)``, the
+      implicit classifier (``log p̂(top | x)`` up to a constant, Bayes' rule; Ho & Salimans 2021,
+      classifier-free guidance), ``top`` the condition as the network sees it (z-scored); both
+      densities share the noise, so it cancels in the difference.
+
+    Each term is standardised by its mean and std on ``x_ref`` (the data the models were fitted
+    on). ``terms(x)`` gives the standardised terms by name (``"f"`` and the model's),
+    ``of(β, term)`` the objective on relaxed features, as the optimizers of
+    :mod:`~optidiff.optimize.baselines` take it."""
 
     def __init__(self, reward: Callable[[Tensor], Tensor], model: torch.nn.Module,
-                 num_classes: int, x_ref: Tensor, *, levels: int, seed: int):
+                 num_classes: int, x_ref: Tensor, *, levels: int, seed: int,
+                 top: float | None = None):
         self.reward, self.model, self.num_classes = reward, model, num_classes
-        self.levels, self.seed = levels, seed
-        f, lp = self._raw(B.relaxed(x_ref, num_classes))
-        self._stats = [(float(v.mean()), float(v.std()) or 1.0) for v in (f, lp)]
-        self._space: tuple[Tensor, Tensor, Tensor] | None = None
+        self.levels, self.seed, self.top = levels, seed, top
+        self.names = ("f", "density") + (() if top is None else ("classifier",))
+        raw = self._raw(B.relaxed(x_ref, num_classes), self.names)
+        self._stats = {k: (float(v.mean()), float(v.std()) or 1.0) for k, v in raw.items()}
+        self._space: tuple[Tensor, dict[str, Tensor]] | None = None
 
-    def density(self, z: Tensor) -> Tensor:
-        """The unstandardised log p̂ of relaxed features (float64)."""
+    def log_p(self, z: Tensor, cond: float = math.nan) -> Tensor:
+        """The unstandardised ``log p̂(z | cond)`` of relaxed features (float64; NaN: null)."""
         from .likelihood import log_density
 
-        return log_density(self.model, z, levels=self.levels, seed=self.seed, cond=math.nan)
+        return log_density(self.model, z, levels=self.levels, seed=self.seed, cond=cond)
 
-    def _raw(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return pseudo_label(self.reward, z).double(), self.density(z)
+    def density(self, z: Tensor) -> Tensor:
+        """The unstandardised ``log p̂(z | ∅)`` of relaxed features (float64)."""
+        return self.log_p(z)
 
-    def _z(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        (mf, sf), (ml, sl) = self._stats
-        f, lp = self._raw(z)
-        return (f - mf) / sf, (lp - ml) / sl
+    def _raw(self, z: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+        out = {"f": pseudo_label(self.reward, z).double()}
+        if len(names) > 1:
+            lp = self.density(z)
+            out["density"] = lp
+            if "classifier" in names:
+                out["classifier"] = self.log_p(z, self.top) - lp
+        return {k: out[k] for k in names}
 
-    def terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._z(B.relaxed(x, self.num_classes))
+    def _z(self, z: Tensor, names: tuple[str, ...]) -> dict[str, Tensor]:
+        return {k: (v - self._stats[k][0]) / self._stats[k][1]
+                for k, v in self._raw(z, names).items()}
 
-    def of(self, beta: float) -> Callable[[Tensor], Tensor]:
-        (mf, sf) = self._stats[0]
+    def terms(self, x: Tensor) -> dict[str, Tensor]:
+        return self._z(B.relaxed(x, self.num_classes), self.names)
+
+    def of(self, beta: float, term: str = "density") -> Callable[[Tensor], Tensor]:
+        if term not in self.names[1:]:
+            raise ValueError(f"term must be one of {self.names[1:]} (\"classifier\" needs top), "
+                             f"got term={term!r}")
 
         def J(z: Tensor) -> Tensor:
             if not beta:  # the surrogate alone: no density evaluations
-                return (pseudo_label(self.reward, z).double() - mf) / sf
-            f, lp = self._z(z)
-            return f + beta * lp
+                return self._z(z, ("f",))["f"]
+            t = self._z(z, ("f", term))
+            return t["f"] + beta * t[term]
         return J
 
-    def space(self, length: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Every sequence of the space with its two terms (computed once)."""
+    def space(self, length: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every sequence of the space with its standardised terms (computed once)."""
         if self._space is None:
             x = B.space(length, self.num_classes)
-            self._space = (x, *self.terms(x))
+            self._space = (x, self.terms(x))
         return self._space
 
 
@@ -258,10 +293,15 @@ class _Generator:
         self._prior: PriorObjective | None = None
 
     def prior(self, reward: EnsembleReward) -> PriorObjective:
+        """The :class:`PriorObjective` of the model, with its implicit classifier at the largest
+        training condition when ``st.methods`` has "RCD implicit classifier"."""
         if self._prior is None:
-            self._prior = PriorObjective(reward, self.res.model, self.problem.num_classes,
-                                         self.x, levels=self.st.likelihood_levels,
-                                         seed=self.seed)
+            res = self.res
+            top = ((float(res.labels.max()) - res.y_mean) / res.y_std
+                   if "RCD implicit classifier" in self.st.methods else None)
+            self._prior = PriorObjective(reward, res.model, self.problem.num_classes, self.x,
+                                         levels=self.st.likelihood_levels, seed=self.seed,
+                                         top=top)
         return self._prior
 
     def __call__(self, scale: float, size: int) -> Tensor:
@@ -284,12 +324,13 @@ def _generative(name: str, gen: _Generator, reward: EnsembleReward, exclude: set
         return B.top_new(x, -torch.arange(len(x), dtype=torch.float64), n, exclude)
     if name == "RCD + reward guidance":
         return gen(setting["reward_scale"], n)
-    if name == "RCD prior-regularised":
-        prior, beta = gen.prior(reward), setting["prior_weight"]
+    if name in PRIOR_ROWS:
+        (term, key), prior = PRIOR_ROWS[name], gen.prior(reward)
+        beta = setting[key]
         if problem.enumerable:
-            x, f, lp = prior.space(problem.length)
-            return B.top_new(x, f + beta * lp, n, exclude)
-        return B.evolution(prior.of(beta), gen.x, gen.y, problem.num_classes, n, exclude,
+            x, t = prior.space(problem.length)
+            return B.top_new(x, t["f"] + beta * t[term], n, exclude)
+        return B.evolution(prior.of(beta, term), gen.x, gen.y, problem.num_classes, n, exclude,
                            seed=gen.seed, generations=st.evolution_generations)
     x = gen(setting["trust_scale"], pool)
     lcb = penalised(reward, setting["penalty"])
@@ -318,7 +359,8 @@ def _baseline(name: str, reward: EnsembleReward, problem: SequenceProblem, st: S
 def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleReward,
            progress: bool | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The held-out-top selection of the guidance scale (RCD + reward guidance), of the
-    trust region's (scale, λ) and of the prior weight β, on the first seed's inner split."""
+    trust region's (scale, λ) and of the prior weight β (and, with "RCD implicit classifier" in
+    ``st.methods``, of its β from the same grid), on the first seed's inner split."""
     seed = st.seeds[0]
     x_in, y_in = holdout_split(problem.x, problem.y, st.holdout)
     f_in = _fit(x_in, y_in, problem, st, seed)
@@ -331,12 +373,15 @@ def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleRewar
     (ts, lam), t2 = select_setting(grid, lambda sl: _generative(
         "RCD trust region", gen, f_in, inner, problem, st,
         {"trust_scale": sl[0], "penalty": sl[1]}), *args)
-    beta, t3 = select_setting(list(st.prior_weights), lambda b: _generative(
-        "RCD prior-regularised", gen, f_in, inner, problem, st, {"prior_weight": b}), *args)
     table = [{"method": "RCD + reward guidance", **r} for r in t1] + \
-            [{"method": "RCD trust region", **r} for r in t2] + \
-            [{"method": "RCD prior-regularised", **r} for r in t3]
-    return {"reward_scale": scale, "trust_scale": ts, "penalty": lam, "prior_weight": beta}, table
+             [{"method": "RCD trust region", **r} for r in t2]
+    chosen = {"reward_scale": scale, "trust_scale": ts, "penalty": lam}
+    for name, (_, key) in PRIOR_ROWS.items():
+        if name == "RCD prior-regularised" or name in st.methods:
+            chosen[key], t = select_setting(list(st.prior_weights), lambda b, m=name, k=key:
+                _generative(m, gen, f_in, inner, problem, st, {k: b}), *args)
+            table += [{"method": name, **r} for r in t]
+    return chosen, table
 
 
 def select_problem(problem: SequenceProblem, st: SuiteSettings,
