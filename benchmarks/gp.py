@@ -323,6 +323,9 @@ def _error_plot(rows, lengths, sizes, path: Path) -> Path:
               label="√(N/n) slope")
     a2.set(xlabel="training sequences n", title="against n")
     a2.legend(fontsize=6, ncol=2)
+    for ax, ticks in ((a1, lengths), (a2, sizes)):  # the measured points, not 3×10¹-style labels
+        ax.set_xticks(list(ticks), [f"{t:,}" for t in ticks])
+        ax.minorticks_off()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
