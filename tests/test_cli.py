@@ -535,6 +535,18 @@ def test_optimize_bad_field_is_one_clear_line(tmp_path):
     assert "optimize.rounds" in result.output and "Traceback" not in result.output
 
 
+def test_optimize_refuses_train_keys_its_recipe_ignores(tmp_path):
+    """A trained network in an optimize run follows the cached recipe: a [train] key it would
+    not use is an error naming the key, not a silently different run."""
+    cfg = tmp_path / "opt.toml"
+    cfg.write_text('[model]\nkind = "timemlp"\n[train]\nsteps = 5\nlr_schedule = "cosine"\n'
+                   '[optimize]\nrounds = 1\n')
+    result = invoke("optimize", cfg, "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "train.lr_schedule" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
 def test_optimize_dispatches_an_offline_config(tmp_path):
     cfg = tmp_path / "offline.toml"
     cfg.write_text(OFFLINE)

@@ -353,6 +353,10 @@ class FinetuneSection(Section):
     batch_size: int | None = Field(None, ge=1, le=10**7)
 
 
+#: the [train] keys of an optimize run's pre-trained network (:class:`optidiff.runs` recipe)
+OPTIMIZE_TRAIN_KEYS = ("steps", "batch_size", "lr", "ema_decay", "seed")
+
+
 class OptimizeConfig(Section):
     """A whole ``optidiff optimize`` run of generative optimization."""
 
@@ -380,6 +384,12 @@ class OptimizeConfig(Section):
                              "'exact' denoiser")
         if self.finetune is not None and self.optimize.algorithm != "adaptive":
             raise ValueError("[finetune] is used only with optimize.algorithm = 'adaptive'")
+        unused = [k for k in self.train.kwargs() if k not in OPTIMIZE_TRAIN_KEYS]
+        if unused:  # say so rather than train a different network than the config reads
+            raise ValueError(f"train.{unused[0]}: an optimize run trains its network by the "
+                             f"cached recipe, which takes only {', '.join(OPTIMIZE_TRAIN_KEYS)} "
+                             "(train with `optidiff train` and set model.kind = 'load' for the "
+                             "rest)")
         return self
 
 

@@ -325,6 +325,7 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
                        schedule: Schedule | None = None, steps: int = 4000,
                        batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
                        ema_decay: float = 0.999, grad_clip: float | None = 1.0,
+                       lr_schedule: str = "constant",
                        cfg_scale: float = 1.0, reward_scale: float = 0.0,
                        reward_target: float | str | None = None,
                        reward_clip: float | None = None, sample_steps: int = 100,
@@ -356,7 +357,8 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
             ``sigma_data`` = the data's overall standard deviation).
         schedule: training σ table (default log-linear 0.01 … 20, 1000 levels); sampling uses
             ``schedule.sample_sigmas(sample_steps, final_zero=True)``.
-        steps, batch_size, lr, weight_decay, ema_decay, grad_clip: :func:`optidiff.train`.
+        steps, batch_size, lr, weight_decay, ema_decay, grad_clip, lr_schedule:
+            :func:`optidiff.train`.
         cfg_scale: classifier-free guidance scale w (1 = plain conditional sampling, the tutorial's
             method; DDOM's γ = 2 is w = 3).
         reward_scale, reward_target, reward_clip: optional reward-gradient guidance on top
@@ -397,9 +399,9 @@ def reward_conditioned(data: Tensor | None, x_labeled: Tensor | None = None,
     sched = _default_schedule(schedule)
     res, t_train = _train(model, x_train, sched, seed, dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, run_dir=run_dir, resume=resume,
-        progress=progress, device=device), cond=((y_train - y_mean) / y_std).float(),
-        cond_drop=cond_drop)
+        ema_decay=ema_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, run_dir=run_dir,
+        resume=resume, progress=progress, device=device),
+        cond=((y_train - y_mean) / y_std).float(), cond_drop=cond_drop)
     f = f.to(device or "cpu") if isinstance(f, nn.Module) else f
     out = OfflineResult(method="reward_conditioned", model=res.ema.eval(), reward_model=f,
                         labels=y, y_mean=y_mean, y_std=y_std,
@@ -420,7 +422,8 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
                   model_kwargs: dict[str, Any] | None = None,
                   schedule: Schedule | None = None, steps: int = 4000, batch_size: int = 256,
                   lr: float = 1e-3, weight_decay: float = 0.0, ema_decay: float = 0.999,
-                  grad_clip: float | None = 1.0, sample_steps: int = 100, sampler: str = "ddpm",
+                  grad_clip: float | None = 1.0, lr_schedule: str = "constant",
+                  sample_steps: int = 100, sampler: str = "ddpm",
                   prior: str = "ve", seed: int = 0, run_dir: str | os.PathLike | None = None,
                   resume: bool = False, progress: bool | None = None,
                   device: torch.device | str | None = None, **deprecated: Any) -> OfflineResult:
@@ -446,8 +449,8 @@ def reward_guided(data: Tensor | None, x_labeled: Tensor | None = None,
     sched = _default_schedule(schedule)
     res, t_train = _train(model, x, sched, seed, dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, run_dir=run_dir, resume=resume,
-        progress=progress, device=device))
+        ema_decay=ema_decay, grad_clip=grad_clip, lr_schedule=lr_schedule, run_dir=run_dir,
+        resume=resume, progress=progress, device=device))
     f = f.to(device or "cpu") if isinstance(f, nn.Module) else f
     out = OfflineResult(method="classifier_guidance", model=res.ema.eval(), reward_model=f,
                         labels=y, y_mean=0.0, y_std=1.0,

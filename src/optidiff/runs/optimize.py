@@ -68,11 +68,10 @@ def build_model(cfg: OptimizeConfig, task: Any, source: str, *, progress: bool |
         raise ConfigError(f"{source}: schedule.kind: the pre-trained network trains on a "
                           f"log-linear σ table, not {cfg.schedule.kind!r}")
     sch = cfg.schedule.params() if cfg.schedule else {}
-    t = cfg.train.kwargs()
+    t = cfg.train.kwargs()  # only the recipe's keys (OptimizeConfig checks)
     spec_class = SubspaceNetSpec if kind == "subspace_net" else NetworkSpec
     spec = spec_class(**{**cfg.model.params(),
-                         **{k: t[k] for k in ("steps", "batch_size", "lr", "ema_decay", "seed")
-                            if k in t},
+                         **t,
                          **{k: sch[k] for k in ("sigma_min", "sigma_max") if k in sch},
                          **({"n_sigmas": sch["n"]} if "n" in sch else {})})
     try:
