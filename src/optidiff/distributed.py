@@ -21,6 +21,7 @@ Launch a script that calls them with ``torchrun --nproc-per-node 2 script.py`` (
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from . import rng
 
-__all__ = ["barrier", "broadcast", "gather", "init", "rank_seed", "rank_world", "session", "shard"]
+__all__ = ["barrier", "broadcast", "close", "gather", "init", "rank_seed", "rank_world", "session", "shard"]
 
 
 def init(device: torch.device) -> tuple[int, int, bool, torch.device]:
@@ -52,11 +53,26 @@ def session(device: torch.device) -> Iterator[tuple[int, int, torch.device]]:
     """``with session(device) as (rank, world, device)``: :func:`init`, and the process group
     destroyed on exit if this call created it."""
     rank, world, created, device = init(device)
+    ok = False
     try:
         yield rank, world, device
+        ok = True
     finally:
         if created:
-            dist.destroy_process_group()
+            close(ok)
+
+
+def close(ok: bool) -> None:
+    """Destroy the process group this process created. After a successful run (``ok``) first
+    free unreachable objects (a DDP wrapper's reducer sits in a reference cycle and must not
+    outlive the group) and wait for every rank, so no rank tears the group down while another
+    still uses it; the 2-process gloo test once aborted at exit ("terminate called without an
+    active exception") without this. After an error only destroy: a barrier could wait forever
+    for a rank that failed."""
+    if ok:
+        gc.collect()
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
