@@ -235,7 +235,8 @@ def run(quick: bool = False, threads: int | None = 1, steps: int | None = None,
     conditional = done[("ou", big, gN)]["conditional"]
     claims = _claims(rows, guided, conditional, lengths, sizes)
     result = {"steps": steps, "lengths": list(lengths), "sizes": list(sizes), "rows": rows,
-              "guidance": guided, "conditional": conditional, "claims": claims, "seconds": time.perf_counter() - t_start,
+              "guidance": guided, "conditional": conditional, "claims": claims,
+              "seconds": time.perf_counter() - t_start,
               "workers": workers, "load_average": [load0, os.getloadavg()],
               "learned_kernel": [r for k in KERNELS for r in _learned_kernel(
                   trained[(k, big, lengths[-1], "unrolled")], GPTask(length=lengths[-1],

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from . import rng
 
-__all__ = ["barrier", "broadcast", "close", "gather", "init", "rank_seed", "rank_world", "session", "shard"]
+__all__ = ["barrier", "broadcast", "close", "gather", "init", "rank_seed", "rank_world", "session",
+           "shard"]
 
 
 def init(device: torch.device) -> tuple[int, int, bool, torch.device]:
