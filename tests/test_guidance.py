@@ -325,7 +325,9 @@ def test_classifier_guidance_with_exact_posterior_is_the_component_score():
         s = torch.tensor(sigma, dtype=F64)
         for k in range(3):
             got = G.Classifier(_exact_class_logits(mix), y=k, scale=1.0)(mix, x, s, None)
-            torch.testing.assert_close(got, mix.components[k](x, s), rtol=1e-9, atol=1e-11)
+            # two matrix-function paths (the components' log-density and their ε): good to
+            # ~1e-8 relative on every math library, not to 1e-10
+            torch.testing.assert_close(got, mix.components[k](x, s), rtol=1e-7, atol=1e-9)
 
 
 def test_classifier_guided_sampling_draws_the_chosen_component():
