@@ -79,3 +79,17 @@ def test_algorithm_1_on_cuda_matches_its_cpu_law():
                                       device="cuda", metrics=task.metrics)
     assert res.samples.is_cuda
     assert res.history[-1]["reward_mean"] > res.history[0]["reward_mean"]
+
+
+def test_torch_threads_sets_and_restores_the_count_even_on_error():
+    from optidiff.device import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -63,23 +63,19 @@ def _command(threads: int | None = None) -> Iterator[None]:
     CheckpointError, RunError; missing, unreadable or unobtainable files; a diverging loss) become
     one ``error:`` line and exit code 2; ``threads`` torch threads inside (restored afterwards,
     so commands invoked in-process, e.g. by tests, leave no trace)."""
-    import torch
+    from .device import torch_threads
 
-    before = torch.get_num_threads()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", DeprecationWarning)
             warnings.showwarning = _warn
-            if threads is not None:
-                if threads < 1:
-                    raise ValueError(f"--threads must be >= 1, got --threads {threads}")
-                torch.set_num_threads(threads)
-            yield
+            if threads is not None and threads < 1:
+                raise ValueError(f"--threads must be >= 1, got --threads {threads}")
+            with torch_threads(threads):
+                yield
     except (ValueError, OSError, FloatingPointError) as e:
         text = str(e).strip()
         _fail(text.splitlines()[0] if text else type(e).__name__)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _version(value: bool) -> None:

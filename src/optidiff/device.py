@@ -10,11 +10,12 @@ are the mixed-precision option of training and sampling: ``"fp32"``, or the forw
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "check_precision", "resolve_device"]
+__all__ = ["PRECISIONS", "autocast", "check_precision", "resolve_device", "torch_threads"]
 
 #: training/sampling precisions
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -61,3 +62,16 @@ def autocast(device: torch.device | str, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``threads`` torch intra-op threads inside the block (None: unchanged), the previous count
+    restored afterwards."""
+    before = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(before)

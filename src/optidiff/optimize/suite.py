@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..device import torch_threads
 from ..sequences import to_integers
 from . import baselines as B
 from .offline import reward_conditioned
@@ -507,7 +508,8 @@ def run_problems(task: str, params: dict[str, Any], st: SuiteSettings = SuiteSet
     > 1 the selections and the (problem, seed) cells run in that many spawned processes of
     ``threads`` torch threads each (a problem's seeds start once its selection is done). Every
     random draw of a cell comes from its problem and seed, so the results equal the serial run's
-    (``workers = 1``, in this process) apart from the seconds; in workers, ``log`` (any value
+    (``workers = 1``, in this process, also with ``threads`` torch threads) apart from the
+    seconds; in workers, ``log`` (any value
     but None) turns on their progress lines on stderr."""
     from ..tasks import make_task
 
@@ -515,8 +517,9 @@ def run_problems(task: str, params: dict[str, Any], st: SuiteSettings = SuiteSet
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {name}={v!r}")
     problems = make_task(task, **params).problems()
-    if workers == 1:
-        return [run_problem(p, st, progress=False, log=log) for p in problems]
+    if workers == 1:  # with the workers' thread count: a reduction's order depends on it
+        with torch_threads(threads):
+            return [run_problem(p, st, progress=False, log=log) for p in problems]
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import rng
 from ..cache import cached
+from ..device import torch_threads
 from ..optimize.objectives import Objective
 from ..schedules import LogLinearSchedule
 
@@ -191,10 +192,8 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
     (dim,) = task.input_shape
 
     def build() -> tuple[Any, dict[str, Any]]:
-        old = torch.get_num_threads()
-        if threads is not None:
-            torch.set_num_threads(threads)
-        try:
+        used = threads or torch.get_num_threads()
+        with torch_threads(threads):
             with rng.seeded(spec.seed):
                 net = spec.network(task)
             t0 = time.perf_counter()
@@ -202,10 +201,8 @@ def pretrained_network(task: Any, spec: NetworkSpec = NetworkSpec(), *, cache: b
                         lr=spec.lr, schedule=spec.schedule(), ema_decay=spec.ema_decay,
                         seed=spec.seed, progress=progress, device=device)
             seconds = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(old)
         tail = res.losses[-200:]
-        return res.ema, {"pretrain_seconds": seconds, "threads": threads or old,
+        return res.ema, {"pretrain_seconds": seconds, "threads": used,
                          "final_loss": sum(tail) / len(tail),
                          "parameters": sum(p.numel() for p in net.parameters())}
 
