@@ -218,6 +218,30 @@ def test_implicit_classifier_is_the_difference_of_two_log_densities():
     assert not torch.equal(obj.terms(p.x[:7])["classifier"], obj.terms(p.x[:7])["density"])
 
 
+def test_ddom_row_has_the_papers_settings():
+    """The DDOM row (Krishnamoorthy et al., ICML 2023): observed labels and no reward model,
+    the training set drawn by DDOM's weights, its VP noise levels and prior, classifier-free
+    guidance γ = 2 (w = 3) at the largest visible label, Heun's sampler; the row's candidates are
+    that model's samples."""
+    from optidiff.optimize.offline import ddom_schedule
+    from optidiff.optimize.rewards import ddom_weights
+
+    p, _ = _problem(C=3, L=4, n_visible=40)
+    st = U.SuiteSettings(n=6, diffusion_steps=5, batch_size=16, sample_steps=3,
+                         model_kwargs={"hidden": 8, "depth": 1}, methods=("DDOM",))
+    res = U.ddom(p, st, seed=2)
+    assert res.reward_model is None and torch.equal(res.labels, p.y.float())
+    assert torch.equal(res.weights, ddom_weights(p.y.float()))
+    assert res.cfg_scale == 3.0 and res.prior == "vp" and res.sampler == "heun"
+    torch.testing.assert_close(res.sigmas, ddom_schedule().sample_sigmas(3, final_zero=True))
+    assert res.resolve_target("max") == float(p.y.max())
+    rec = U.run_seed(p, st, 2, None)["records"]
+    assert [r["method"] for r in rec] == ["DDOM"]
+    x = to_integers(res.generate("max", 6, seed=2), 3)
+    expected = U.evaluate(p, x, set(B.seq_keys(p.x)))
+    assert {k: v for k, v in rec[0].items() if k in expected} == expected
+
+
 def test_run_problem_every_method_on_a_tiny_space():
     p, _ = _problem(C=3, L=5, n_visible=120)
     st = U.SuiteSettings(n=8, seeds=(0,), ensemble=2, reward_kwargs={

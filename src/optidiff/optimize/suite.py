@@ -37,7 +37,13 @@ budget of ``n`` candidates:
   its density, ``J_β(x) = z(f̂(x)) + β·z(r(x))``, ``r(x) = log p̂(x | y_top) − log p̂(x | ∅)``
   (by Bayes ``log p̂(y_top | x)`` up to a constant: the classifier that classifier-free guidance
   follows, Ho & Salimans 2021), ``y_top`` the largest pseudo-label (the tutorial row's target): a
-  second estimate of how good ``x`` is, learned by the diffusion model from f̂'s pseudo-labels.
+  second estimate of how good ``x`` is, learned by the diffusion model from f̂'s pseudo-labels;
+- **DDOM** (Krishnamoorthy, Mashkaria & Grover, ICML 2023) with its published settings and no
+  reward model: a conditional model trained on the *observed* labels, its training set
+  reweighted toward high ``y`` (:func:`~optidiff.optimize.rewards.ddom_weights`, 20 bins,
+  quantile 0.9, clip 5), DDOM's VP noise levels (:func:`~optidiff.optimize.offline.ddom_schedule`,
+  VP prior), sampled at the largest visible label with classifier-free guidance γ = 2
+  (``w = 3``) by Heun's method, as DDOM's code does.
 
 The guidance scale, ``λ`` and both β are chosen by :mod:`optidiff.optimize.selection` (held-out top,
 no oracle) on the first seed and used for every seed. Every method's candidates are de-duplicated
@@ -64,18 +70,22 @@ from torch import Tensor
 from ..device import torch_threads
 from ..sequences import to_integers
 from . import baselines as B
-from .offline import reward_conditioned
+from .offline import OfflineResult, ddom_schedule, reward_conditioned
 from .rewards import EnsembleReward, fit_reward, pseudo_label
 from .selection import holdout_split, select_setting
 
-__all__ = ["BASELINES", "GENERATIVE", "METHODS", "PRIOR_ROWS", "PriorObjective", "SequenceProblem",
-           "SuiteSettings", "evaluate", "penalised", "prior_rank_correlation", "problem_result",
-           "rank_correlation", "run_problem", "run_problems", "run_seed", "select_problem"]
+__all__ = ["BASELINES", "GENERATIVE", "METHODS", "PRIOR_ROWS", "RCD_ROWS", "PriorObjective",
+           "SequenceProblem", "SuiteSettings", "ddom", "evaluate", "penalised",
+           "prior_rank_correlation", "problem_result", "rank_correlation", "run_problem",
+           "run_problems", "run_seed", "select_problem"]
 
 BASELINES = ("uniform random", "enumeration", "gradient ascent", "evolution")
 GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD trust region",
-              "RCD trust region + evolution", "RCD prior-regularised", "RCD implicit classifier")
+              "RCD trust region + evolution", "RCD prior-regularised", "RCD implicit classifier",
+              "DDOM")
 METHODS = BASELINES + GENERATIVE
+#: the rows of the reward-conditioned model (trained per seed, settings chosen by :func:`select`)
+RCD_ROWS = tuple(m for m in GENERATIVE if m.startswith("RCD"))
 #: the rows ranking by z(f̂) + β·z(term): their term of :class:`PriorObjective` and setting key
 PRIOR_ROWS = {"RCD prior-regularised": ("density", "prior_weight"),
               "RCD implicit classifier": ("classifier", "classifier_weight")}
@@ -209,6 +219,18 @@ def _diffusion(x: Tensor, y: Tensor, reward: EnsembleReward, problem: SequencePr
                               model_kwargs=st.model_kwargs, steps=st.diffusion_steps,
                               batch_size=st.batch_size, sample_steps=st.sample_steps,
                               sampler="ddpm", seed=seed, progress=progress)
+
+
+def ddom(problem: SequenceProblem, st: SuiteSettings, seed: int,
+         progress: bool | None = None) -> OfflineResult:
+    """The DDOM row's model (its settings: the module docstring); its candidates are
+    ``res.generate("max", st.n, seed=seed)``."""
+    return reward_conditioned(None, problem.features(problem.x), problem.y.float(), reward=None,
+                             reweight=True, cond_drop=0.15, cfg_scale=3.0,
+                             schedule=ddom_schedule(), prior="vp", model_kwargs=st.model_kwargs,
+                             steps=st.diffusion_steps, batch_size=st.batch_size,
+                             sample_steps=st.sample_steps, sampler="heun", seed=seed,
+                             progress=progress)
 
 
 class PriorObjective:
@@ -400,12 +422,13 @@ def select_problem(problem: SequenceProblem, st: SuiteSettings,
 def run_seed(problem: SequenceProblem, st: SuiteSettings, seed: int,
              chosen: dict[str, Any] | None, *, progress: bool | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Every method of ``st.methods`` on ``problem`` for one ``seed``, the generative rows with
-    the settings ``chosen`` by :func:`select_problem` (None: no generative method); returns the
+    """Every method of ``st.methods`` on ``problem`` for one ``seed``, the rows of ``RCD_ROWS``
+    with the settings ``chosen`` by :func:`select_problem` (None: no RCD row); returns the
     records (metrics of :func:`evaluate`, seconds) and the rank correlations with the oracle of
     f̂ and (with "RCD prior-regularised") of the diffusion prior's log-density. Seconds of a
     row count what it needs: the reward fit, the diffusion training and a share
-    ``1/len(st.seeds)`` of the selection for generative rows, its own generation."""
+    ``1/len(st.seeds)`` of the selection for RCD rows, DDOM's own training, its own
+    generation."""
     visible = set(B.seq_keys(problem.x))
     records, rho_prior = [], None
     t0 = time.perf_counter()
@@ -413,9 +436,9 @@ def run_seed(problem: SequenceProblem, st: SuiteSettings, seed: int,
     t_reward = time.perf_counter() - t0
     rho = rank_correlation(problem, f)
     gen, t_train = None, 0.0
-    if any(m in GENERATIVE for m in st.methods):
+    if any(m in RCD_ROWS for m in st.methods):
         if chosen is None:
-            raise ValueError(f"chosen=None but st.methods has generative rows: {st.methods}")
+            raise ValueError(f"chosen=None but st.methods has RCD rows: {st.methods}")
         t1 = time.perf_counter()
         gen = _Generator(_diffusion(problem.x, problem.y, f, problem, st, seed, progress),
                          problem, st, seed, problem.x, problem.y)
@@ -424,7 +447,10 @@ def run_seed(problem: SequenceProblem, st: SuiteSettings, seed: int,
             rho_prior = prior_rank_correlation(problem, gen.prior(f))
     for name in st.methods:
         t2 = time.perf_counter()
-        if name in GENERATIVE:
+        if name == "DDOM":  # its own model, no reward model and no selection
+            z, base = ddom(problem, st, seed, progress).generate("max", st.n, seed=seed), 0.0
+            x = to_integers(z.cpu(), problem.num_classes)
+        elif name in RCD_ROWS:
             x = _generative(name, gen, f, visible, problem, st, chosen["setting"])
             base = t_reward + t_train + chosen["seconds"] / len(st.seeds)
         else:
@@ -468,7 +494,7 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
     :func:`run_seed` per seed); returns the chosen settings, the selection table, one record per
     (method, seed) and the rank correlations of f̂ and of the prior per seed."""
     chosen = (select_problem(problem, st, progress)
-              if any(m in GENERATIVE for m in st.methods) else None)
+              if any(m in RCD_ROWS for m in st.methods) else None)
     cells = [run_seed(problem, st, seed, chosen, progress=progress, log=log)
              for seed in st.seeds]
     return problem_result(problem, st, chosen, cells)
@@ -524,7 +550,7 @@ def run_problems(task: str, params: dict[str, Any], st: SuiteSettings = SuiteSet
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     key = json.dumps(params, sort_keys=True)
-    need_gen = any(m in GENERATIVE for m in st.methods)
+    need_gen = any(m in RCD_ROWS for m in st.methods)
     chosen: dict[int, dict[str, Any] | None] = {i: None for i in range(len(problems))}
     cells: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(problems))}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
