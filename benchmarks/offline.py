@@ -415,7 +415,7 @@ def _md_suite(part: str, res: dict, threads: int) -> list[str]:
                 "128 uniform random 8-mers reach about 0.94):"), "",
                markdown_table(pub, ["source", "100th pct", "protocol"]), ""]
         if ddom is not None:
-            md += [(f"This suite's DDOM row on SIX6_REF_R1 (128 candidates, {ddom['seeds']} "
+            md += [(f"This suite's DDOM row on SIX6_REF_R1 ({st['n']} candidates, {ddom['seeds']} "
                     f"seeds): 100th pct {_pm(ddom, 'p100')}, 50th {_pm(ddom, 'p50')}, novel "
                     f"{ddom['novel']:.2f}."), ""]
         md += [("Tan et al. (ICLR 2025) rerun, TF8 column (128 candidates, 100th pct, 8 seeds): "

@@ -84,7 +84,8 @@ GENERATIVE = ("RCD (tutorial)", "RCD, novel only", "RCD + reward guidance", "RCD
               "RCD trust region + evolution", "RCD prior-regularised", "RCD implicit classifier",
               "DDOM")
 METHODS = BASELINES + GENERATIVE
-#: the rows of the reward-conditioned model (trained per seed, settings chosen by :func:`select`)
+#: the rows of the reward-conditioned model (trained per seed, settings chosen by
+#: :func:`select_problem`)
 RCD_ROWS = tuple(m for m in GENERATIVE if m.startswith("RCD"))
 #: the rows ranking by z(f̂) + β·z(term): their term of :class:`PriorObjective` and setting key
 PRIOR_ROWS = {"RCD prior-regularised": ("density", "prior_weight"),
@@ -142,6 +143,12 @@ class SuiteSettings:
     reward_clip: float = 5.0
     holdout: float = 0.2
     evolution_generations: int = 64
+
+    @property
+    def runs_rcd(self) -> bool:
+        """Whether a row of ``RCD_ROWS`` runs (then the reward-conditioned model is selected and
+        trained)."""
+        return any(m in RCD_ROWS for m in self.methods)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -436,7 +443,7 @@ def run_seed(problem: SequenceProblem, st: SuiteSettings, seed: int,
     t_reward = time.perf_counter() - t0
     rho = rank_correlation(problem, f)
     gen, t_train = None, 0.0
-    if any(m in RCD_ROWS for m in st.methods):
+    if st.runs_rcd:
         if chosen is None:
             raise ValueError(f"chosen=None but st.methods has RCD rows: {st.methods}")
         t1 = time.perf_counter()
@@ -493,8 +500,7 @@ def run_problem(problem: SequenceProblem, st: SuiteSettings = SuiteSettings(), *
     """Every method of ``st.methods`` on ``problem`` for every seed (:func:`select_problem`, then
     :func:`run_seed` per seed); returns the chosen settings, the selection table, one record per
     (method, seed) and the rank correlations of f̂ and of the prior per seed."""
-    chosen = (select_problem(problem, st, progress)
-              if any(m in RCD_ROWS for m in st.methods) else None)
+    chosen = select_problem(problem, st, progress) if st.runs_rcd else None
     cells = [run_seed(problem, st, seed, chosen, progress=progress, log=log)
              for seed in st.seeds]
     return problem_result(problem, st, chosen, cells)
@@ -550,7 +556,6 @@ def run_problems(task: str, params: dict[str, Any], st: SuiteSettings = SuiteSet
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     key = json.dumps(params, sort_keys=True)
-    need_gen = any(m in RCD_ROWS for m in st.methods)
     chosen: dict[int, dict[str, Any] | None] = {i: None for i in range(len(problems))}
     cells: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(problems))}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -561,7 +566,7 @@ def run_problems(task: str, params: dict[str, Any], st: SuiteSettings = SuiteSet
 
         pending: dict[Any, tuple[int, int | None]] = {}
         for i in range(len(problems)):
-            for seed in ((None,) if need_gen else st.seeds):
+            for seed in ((None,) if st.runs_rcd else st.seeds):
                 submit(i, seed)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
